@@ -1,0 +1,30 @@
+"""Triton backend: one file of kernels + launchers per op family, Welford helpers in ``welford.py``.
+
+Importing this package imports Triton (so it fails cleanly where Triton is missing, and the registry reports the
+backend unavailable). Functions follow the contract in ``fusednorm/backends/reference.py``. Kernels run on CUDA
+tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (which must be set before this package is imported).
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  - fail at import when Triton is missing
+
+from fusednorm.backends.triton.layer_norm import layer_norm_bwd, layer_norm_fwd
+
+_OPS: set[str] = {"layer_norm_fwd", "layer_norm_bwd"}
+
+# ==== GroupNorm / InstanceNorm (issue 3) =================================================================
+
+
+# ==== BatchNorm (issue 4) ================================================================================
+
+
+# ==== Fused variants (issue 8) ===========================================================================
+
+
+def supports(op: str) -> bool:
+    """True when the Triton backend implements ``op``."""
+    return op in _OPS
+
+
+__all__ = sorted(_OPS) + ["supports"]

@@ -1,0 +1,103 @@
+"""LayerNorm and RMSNorm ops: ``fusednorm::layer_norm_fwd`` / ``fusednorm::layer_norm_bwd`` and the autograd glue.
+
+Both norms share one op pair (``is_rms`` picks the statistics). The ops take rows: a 2-D (M, N) tensor whose
+last dimension is contiguous; the row stride is free, so a strided batch needs no copy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fusednorm import backends
+from fusednorm.ops import absent_like, acc_dtype, grad_or_empty, none_if_absent
+
+
+@torch.library.custom_op("fusednorm::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row norm forward. x: (M, N) with contiguous last dim. Returns y (M, N), mean (M,) or (0,) for RMS, rstd (M,)."""
+    m, n = x.shape
+    if m == 0 or n == 0:
+        # Nothing to launch; an empty row has undefined statistics (torch gives NaN), keep that.
+        acc = acc_dtype(x.dtype)
+        mean = x.new_full((0 if is_rms else m,), float("nan"), dtype=acc)
+        return x.new_empty((m, n)), mean, x.new_full((m,), float("nan"), dtype=acc)
+    return backends.select("layer_norm_fwd", x).layer_norm_fwd(x, weight, bias, eps, is_rms)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, is_rms):
+    m = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(x.shape), x.new_empty((0 if is_rms else m,), dtype=acc), x.new_empty((m,), dtype=acc)
+
+
+@torch.library.custom_op("fusednorm::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    is_rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row norm backward. Returns dx (M, N), dweight (N,), dbias (N,); absent gradients are 0-size tensors."""
+    m, n = x.shape
+    if m == 0 or n == 0:
+        dw = torch.zeros_like(weight) if weight is not None else absent_like(x)
+        db = torch.zeros_like(bias) if bias is not None else absent_like(x)
+        return x.new_empty((m, n)), dw, db
+    dx, dw, db = backends.select("layer_norm_bwd", x).layer_norm_bwd(dy, x, weight, bias, mean, rstd, is_rms)
+    return dx, grad_or_empty(dw, x), grad_or_empty(db, x)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, is_rms):
+    dw = weight.new_empty(weight.shape) if weight is not None else x.new_empty(0)
+    db = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return x.new_empty(x.shape), dw, db
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """Autograd for LayerNorm/RMSNorm over rows; saves x, mean and rstd (fp32), never the output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool) -> Tensor:
+        y, mean, rstd = torch.ops.fusednorm.layer_norm_fwd(x, weight, bias, eps, is_rms)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.is_rms = is_rms
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        if dy.stride(-1) != 1:  # kernels need contiguous rows; autograd may hand us an expanded gradient
+            dy = dy.contiguous()
+        dx, dw, db = torch.ops.fusednorm.layer_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.is_rms)
+        return dx, none_if_absent(dw, weight is not None), none_if_absent(db, bias is not None), None, None
+
+
+def as_rows(x: Tensor, n: int) -> Tensor:
+    """View ``x`` as (M, n) rows with a contiguous last dim, copying only when no such view exists."""
+    if x.dim() >= 1 and x.numel() > 0 and x.stride(-1) != 1:
+        x = x.contiguous()
+    m = x.numel() // n if n > 0 else x.numel()
+    try:
+        return x.view(m, n)
+    except RuntimeError:  # leading dims not collapsible into one stride: one copy is unavoidable
+        return x.contiguous().view(m, n)
+
+
+def layer_norm_rows(
+    x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool
+) -> Tensor:
+    """Normalize ``x`` over its trailing ``n`` elements (already validated). Returns a tensor shaped like x."""
+    rows = as_rows(x, n)
+    w = weight.reshape(n) if weight is not None else None
+    b = bias.reshape(n) if bias is not None else None
+    return LayerNormFunction.apply(rows, w, b, float(eps), is_rms).view(x.shape)
