@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import triton  # noqa: F401  - fail at import when Triton is missing
 
-from fusednorm.backends.triton.layer_norm import layer_norm_bwd, layer_norm_fwd
+from fusednorm.backends.triton.layer_norm import layer_norm_bwd as layer_norm_bwd
+from fusednorm.backends.triton.layer_norm import layer_norm_fwd as layer_norm_fwd
 
 _OPS: set[str] = {"layer_norm_fwd", "layer_norm_bwd"}
 

@@ -1,0 +1,61 @@
+"""Test configuration: Triton runs in its interpreter on CPU tensors, so every kernel is checked without a GPU.
+
+TRITON_INTERPRET must be set before fusednorm's Triton kernels are imported (``triton.jit`` reads it when a kernel
+is defined), hence at the very top of conftest. ``--slow`` also runs the tests marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fusednorm  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow test: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+def cpu_backends() -> list[str]:
+    """Backends that can run CPU tensors in this test session (triton via the interpreter)."""
+    info = fusednorm.available_backends()
+    return [name for name in ("triton", "native", "reference") if info[name].available]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset_backend():
+    torch.manual_seed(0)
+    fusednorm.set_backend("auto")
+    yield
+    fusednorm.set_backend("auto")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make ``torch.empty``/``torch.empty_like``/``new_empty`` return NaN-filled (or -7 for ints) memory, so a
+    kernel that leaves any output element unwritten produces NaN instead of passing by luck."""
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def _poison(t):
+        if t.numel():
+            t.fill_(float("nan") if t.is_floating_point() else -7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(real_empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: _poison(real_new_empty(self, *a, **k)))
+    yield
