@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusednorm.ops import variants as _variant_ops
 from fusednorm.ops.layer_norm import layer_norm_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -125,3 +126,89 @@ def rms_norm(
 
 
 # ==== Fused variants (issue 8) ===========================================================================
+
+
+def _check_dropout_p(p: float) -> None:
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def dropout_seed() -> int:
+    """A fresh dropout seed drawn from torch's default CPU generator (so ``torch.manual_seed`` reproduces it)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _add_norm(
+    name: str,
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    dropout_p: float,
+    prenorm: bool,
+    residual_in_fp32: bool,
+    is_rms: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    check_floating(name, x)
+    check_floating(name, residual, "residual")
+    check_floating(name, weight, "weight")
+    check_floating(name, bias, "bias")
+    if x.dim() == 0:
+        raise RuntimeError(f"{name}: expected input with at least 1 dimension, but got a 0-dim tensor")
+    n = x.shape[-1]
+    for what, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (n,):
+            raise RuntimeError(
+                f"Expected {what} to be of same shape as normalized_shape, but got {what} of shape "
+                f"{_shape_list(p.shape)} and normalized_shape = [{n}]"
+            )
+    if residual is not None and residual.shape != x.shape:
+        raise RuntimeError(
+            f"{name}: residual of shape {_shape_list(residual.shape)} must match input of shape "
+            f"{_shape_list(x.shape)}"
+        )
+    _check_dropout_p(dropout_p)
+    check_same_device(name, x, residual=residual, weight=weight, bias=bias)
+    seed = dropout_seed() if dropout_p > 0.0 else 0
+    y, s = _variant_ops.add_norm_rows(x, residual, n, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32)
+    return (y, s) if prenorm else y
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused ``layer_norm(dropout(x) + residual)`` over the last dim, in one read of x and residual.
+
+    x: (*, N); residual: (*, N) or None; weight, bias: (N,) or None. ``dropout_p`` is applied as given (pass
+    0.0 in eval; the modules do); the mask comes from a seed drawn from torch's generator and is regenerated in
+    backward, never stored. Returns y (x.dtype), and also s = dropout(x) + residual when ``prenorm`` (the new
+    residual stream), in the residual's dtype (x's when residual is None), or fp32 if ``residual_in_fp32``.
+    """
+    return _add_norm("add_layer_norm", x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, False)
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    eps: float | None = None,
+    dropout_p: float = 0.0,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused ``rms_norm(dropout(x) + residual)`` over the last dim; see ``add_layer_norm``.
+
+    ``eps=None`` means ``torch.finfo(x.dtype).eps`` as in ``torch.nn.functional.rms_norm``.
+    """
+    if eps is None:
+        check_floating("add_rms_norm", x)
+        eps = torch.finfo(x.dtype).eps
+    return _add_norm("add_rms_norm", x, residual, weight, None, eps, dropout_p, prenorm, residual_in_fp32, True)

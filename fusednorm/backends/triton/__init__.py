@@ -22,6 +22,10 @@ _OPS: set[str] = {"layer_norm_fwd", "layer_norm_bwd"}
 
 # ==== Fused variants (issue 8) ===========================================================================
 
+from fusednorm.backends.triton.add_norm import add_norm_bwd, add_norm_fwd  # noqa: E402
+
+_OPS |= {"add_norm_fwd", "add_norm_bwd"}
+
 
 def supports(op: str) -> bool:
     """True when the Triton backend implements ``op``."""
