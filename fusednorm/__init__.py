@@ -28,3 +28,11 @@ __all__ = [
 ]
 
 # ==== model conversion (issue 7) =========================================================================
+from fusednorm.convert import (  # noqa: E402 - after the modules, which convert looks up at call time
+    ReplacementSummary,
+    replace_norms,
+    replacement_summary,
+    restore_norms,
+)
+
+__all__ += ["ReplacementSummary", "replace_norms", "replacement_summary", "restore_norms"]
