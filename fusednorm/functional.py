@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fusednorm.ops import variants as _variant_ops
+from fusednorm.ops.group_norm import group_norm_nd, spatial_numel
 from fusednorm.ops.layer_norm import layer_norm_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -120,6 +121,145 @@ def rms_norm(
 
 
 # ==== GroupNorm / InstanceNorm (issue 3) =================================================================
+
+
+def _check_group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None) -> None:
+    """torch's checks for ``group_norm``, in torch's order and with its messages."""
+    check_floating("group_norm", input)
+    check_floating("group_norm", weight, "weight")
+    check_floating("group_norm", bias, "bias")
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    n, c = input.shape[0], input.shape[1]
+    size_prods = n * c // num_groups
+    for s in input.shape[2:]:
+        size_prods *= s
+    if size_prods == 1:
+        shape = [n * c // num_groups, num_groups, *input.shape[2:]]
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+    if num_groups <= 0 or c % num_groups != 0:
+        raise RuntimeError(
+            "Expected number of channels in input to be divisible by num_groups, but got input of shape "
+            f"{_shape_list(input.shape)} and num_groups={num_groups}"
+        )
+    if weight is not None and (weight.dim() != 1 or weight.numel() != c):
+        raise RuntimeError(
+            "Expected weight to be a vector of size equal to the number of channels in input, but got weight of "
+            f"shape {_shape_list(weight.shape)} and input of shape {_shape_list(input.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.numel() != c):
+        # torch prints the *weight's* shape here ([0] without a weight); reproduced so messages match exactly.
+        shown = weight.shape if weight is not None else (0,)
+        raise RuntimeError(
+            "Expected bias to be a vector of size equal to the number of channels in input, but got bias of "
+            f"shape {_shape_list(shown)} and input of shape {_shape_list(input.shape)}"
+        )
+    check_same_device("group_norm", input, weight=weight, bias=bias)
+
+
+def _activation_name(activation: str | None) -> str:
+    if activation is None or activation == "none":
+        return "none"
+    if activation == "silu":
+        return "silu"
+    raise ValueError(f"group_norm: activation must be None or 'silu', but got {activation!r}")
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> Tensor:
+    """Group normalization, like ``torch.nn.functional.group_norm``, with an optional fused SiLU.
+
+    input: (N, C, *spatial) with C divisible by ``num_groups``, float16/bfloat16/float32/float64, contiguous or
+    channels_last / channels_last_3d (kept in the output, never copied). weight, bias: (C,) or None, any floating
+    dtype (fp32 with bf16/fp16 input works). ``activation``: None or ``"silu"`` (y = silu(affine(xhat)), as a
+    UNet block does next). Returns input's shape, dtype and memory format. Statistics in fp32 (fp64 for fp64).
+    """
+    _check_group_norm(input, num_groups, weight, bias)
+    act = _activation_name(activation)
+    y, _, _ = group_norm_nd(input, num_groups, weight, bias, eps, act)
+    return y
+
+
+def _check_instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_input_stats: bool,
+) -> None:
+    """torch's checks for ``instance_norm`` (which runs batch_norm on (1, N*C, *): sizes are reported x N)."""
+    check_floating("instance_norm", input)
+    for what, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        check_floating("instance_norm", t, what)
+    if use_input_stats:
+        size_prods = 1
+        for s in input.shape[2:]:
+            size_prods *= s
+        if size_prods == 1:
+            raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    n, c = input.shape[0], input.shape[1]
+    for what, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{what} should contain {n * c} elements not {n * t.numel()}")
+    check_same_device(
+        "instance_norm", input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Instance normalization, like ``torch.nn.functional.instance_norm``.
+
+    input: (N, C, *spatial), contiguous or channels_last (kept). running_mean, running_var, weight, bias: (C,) or
+    None. With ``use_input_stats`` each (n, c) slice is normalized by its own statistics and, when given, the
+    running stats are updated in place: r = (1 - momentum) * r + momentum * mean_n(stat), with the unbiased
+    per-instance variance (from M2, exact even when var << eps). Without it, the running stats normalize
+    (y = (x - rm) / sqrt(rv + eps) * w + b). Returns input's shape, dtype and memory format.
+    """
+    _check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats)
+    c = input.shape[1]
+    if not use_input_stats:
+        # Fixed statistics: an elementwise per-channel scale and shift (autograd through plain torch ops).
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        bshape = (1, c) + (1,) * (input.dim() - 2)
+        scale = torch.rsqrt(running_var.detach().to(acc) + eps)
+        if weight is not None:
+            scale = scale * weight.to(acc)
+        shift = -running_mean.detach().to(acc) * scale
+        if bias is not None:
+            shift = shift + bias.to(acc)
+        out = input.to(acc) * scale.reshape(bshape) + shift.reshape(bshape)
+        return out.to(input.dtype)
+    with_var = running_mean is not None
+    y, mean, var = group_norm_nd(input, c, weight, bias, eps, "none", with_var=with_var)
+    if with_var:
+        m = spatial_numel(input)
+        with torch.no_grad():
+            running_mean.mul_(1.0 - momentum).add_(mean.mean(dim=0).to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (m / (m - 1))
+            running_var.mul_(1.0 - momentum).add_(unbiased.mean(dim=0).to(running_var.dtype), alpha=momentum)
+    return y
 
 
 # ==== BatchNorm / SyncBatchNorm (issue 4) ================================================================

@@ -40,6 +40,70 @@ __all__ += ["LayerNorm", "RMSNorm"]
 # ==== GroupNorm / InstanceNorm (issue 3) =================================================================
 
 
+class GroupNorm(torch.nn.GroupNorm):
+    """``torch.nn.GroupNorm`` with fusednorm kernels. Same constructor:
+    ``GroupNorm(num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None)``.
+    Input (N, C, *), contiguous or channels_last (kept in the output).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _FusedInstanceNormForward:
+    """``forward`` of torch's ``_InstanceNorm`` (same checks, warning and unbatched handling) on fusednorm."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        feature_dim = input.dim() - self._get_no_batch_dim()
+        if input.size(feature_dim) != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features"
+                    f" ({self.num_features}), but got: {input.size(feature_dim)}."
+                )
+            import warnings  # only on this rare path; modules.py's shared import block is not this section's
+
+            warnings.warn(
+                f"input's size at dim={feature_dim} does not match num_features. "
+                "You can silence this warning by not passing in num_features, "
+                "which is not used because affine=False",
+                stacklevel=2,
+            )
+        unbatched = input.dim() == self._get_no_batch_dim()
+        x = input.unsqueeze(0) if unbatched else input
+        y = F.instance_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+class InstanceNorm1d(_FusedInstanceNormForward, torch.nn.InstanceNorm1d):
+    """``torch.nn.InstanceNorm1d`` with fusednorm kernels. Same constructor: ``InstanceNorm1d(num_features,
+    eps=1e-5, momentum=0.1, affine=False, track_running_stats=False, device=None, dtype=None)``; input (N, C, L)
+    or (C, L)."""
+
+
+class InstanceNorm2d(_FusedInstanceNormForward, torch.nn.InstanceNorm2d):
+    """``torch.nn.InstanceNorm2d`` with fusednorm kernels (same constructor as torch's); input (N, C, H, W) or
+    (C, H, W), contiguous or channels_last (kept in the output)."""
+
+
+class InstanceNorm3d(_FusedInstanceNormForward, torch.nn.InstanceNorm3d):
+    """``torch.nn.InstanceNorm3d`` with fusednorm kernels (same constructor as torch's); input (N, C, D, H, W) or
+    (C, D, H, W), contiguous or channels_last_3d (kept in the output)."""
+
+
+__all__ += ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
+
+
 # ==== BatchNorm / SyncBatchNorm (issue 4) ================================================================
 
 

@@ -16,6 +16,12 @@ _OPS: set[str] = {"layer_norm_fwd", "layer_norm_bwd"}
 
 # ==== GroupNorm / InstanceNorm (issue 3) =================================================================
 
+from fusednorm.backends.triton.group_norm import group_norm_bwd as group_norm_bwd  # noqa: E402
+from fusednorm.backends.triton.group_norm import group_norm_fwd as group_norm_fwd  # noqa: E402
+from fusednorm.backends.triton.group_norm import group_norm_fwd_var as group_norm_fwd_var  # noqa: E402
+
+_OPS |= {"group_norm_fwd", "group_norm_bwd", "group_norm_fwd_var"}
+
 
 # ==== BatchNorm (issue 4) ================================================================================
 

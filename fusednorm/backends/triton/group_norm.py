@@ -1,0 +1,587 @@
+"""Triton kernels for GroupNorm (InstanceNorm is GroupNorm with one channel per group).
+
+Data model. ``x`` is (N, C, *spatial); the spatial dims are flattened to one axis of S elements, so a sample is a
+(C, S) matrix with one unit-stride axis: S in NCHW (``CHANNELS_LAST=False``), C in NHWC / NDHWC
+(``CHANNELS_LAST=True``; inputs with S == 1 also take it, their channels being contiguous). The kernels read both
+layouts natively through a runtime stride for the other axis; nothing is copied to NCHW. Group (n, g) is the
+(Cg, S) sub-matrix of channels [g*Cg, (g+1)*Cg), cut into (BLOCK_C, BLOCK_S) tiles numbered channel-block-major.
+
+Split reductions. The grid is (N*G, SPLIT): each group's tiles are divided into SPLIT contiguous ranges so that
+batch-1 / few-group shapes still fill the machine. SPLIT is a runtime value (it never recompiles); the tile shape
+depends only on coarse buckets of Cg or S and the layout.
+
+Forward (two kernels):
+1. ``group_norm_stats_kernel``: each program reduces its tiles to one (count, mean, M2) partial (exact two-step
+   statistics inside a tile, Chan's formula across tiles).
+2. ``group_norm_apply_kernel``: each program merges its group's SPLIT partials (Chan, fixed order), computes
+   mean/rstd/var (program 0 of the group stores them), then normalizes its tiles with the fused per-channel affine
+   and optional SiLU.
+
+Backward (two kernels, no atomics, every reduction in a fixed order):
+1. ``group_norm_bwd_reduce_kernel``: per program, the group sums sum(g) and sum(g * xhat) (g = dL/dxhat, the SiLU
+   backward included) into (N*G, SPLIT) partials, and per-channel dW/dB partials into an (N*SPLIT, C) buffer in
+   which each (program, channel) slot is written by exactly one program, once; the host sums that buffer.
+2. ``group_norm_bwd_dx_kernel``: merges the group sums and writes dX in one more pass.
+
+Statistics are fp32 (fp64 for fp64 input); all offsets are 64-bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fusednorm.backends.triton.welford import welford_combine, welford_merge
+
+# Elements per tile (a power of two); a tile is (BLOCK_C, BLOCK_S) with BLOCK_C * BLOCK_S == TILE.
+TILE = 2048
+NUM_WARPS = 8
+# Partials merged per step when a group's SPLIT partials are combined (fixed: SPLIT may change with the batch).
+PARTIAL_BLOCK = 64
+# Tile width along the unit-stride axis: S buckets for NCHW, Cg buckets for channels_last.
+NCHW_BLOCK_S = (16, 64, 256, 1024)
+NHWC_BLOCK_C = (1, 2, 4, 8, 16, 32, 64, 128)
+# Programs per SM the split aims for.
+PROGRAMS_PER_SM = 4
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _offsets(tc, ts, stride_o, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """int64 offsets (BLOCK_C, BLOCK_S) of tile (tc, ts) from the group's base; ``stride_o`` is the stride of the
+    axis that is not unit-stride."""
+    c64 = (tc * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    s64 = (ts * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
+    if CHANNELS_LAST:
+        return c64[:, None] + s64[None, :] * stride_o
+    else:
+        return c64[:, None] * stride_o + s64[None, :]
+
+
+@triton.jit
+def _tile(tc, ts, cg, S, stride_o, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Channel indices within the group (BLOCK_C,), offsets (see ``_offsets``) and mask of tile (tc, ts)."""
+    c = tc * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = ts * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = (c < cg)[:, None] & (s < S)[None, :]
+    return c, _offsets(tc, ts, stride_o, CHANNELS_LAST, BLOCK_C, BLOCK_S), mask
+
+
+@triton.jit
+def _tile_range(tiles_s, tiles_per_prog, num_tiles):
+    """This program's tiles [t0, t1) and the channel blocks [tc0, tc1] they touch."""
+    t0 = tl.program_id(1) * tiles_per_prog
+    t1 = tl.minimum(t0 + tiles_per_prog, num_tiles)
+    return t0, t1, t0 // tiles_s, (t1 - 1) // tiles_s
+
+
+@triton.jit
+def _silu_grad(dy, pre):
+    """d silu(pre) / d pre * dy, with silu(p) = p * sigmoid(p)."""
+    sig = 1.0 / (1.0 + tl.exp(-pre))
+    return dy * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def group_norm_stats_kernel(
+    X, PCount, PMean, PM2,
+    stride_xn, stride_xo, G, cg, S, tiles_s, tiles_per_prog, num_tiles,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    acc_ty = PMean.dtype.element_ty
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng - n * G
+    if CHANNELS_LAST:
+        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64)
+    else:
+        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64) * stride_xo
+    t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
+    count = tl.zeros([1], dtype=acc_ty)
+    mean = tl.zeros([1], dtype=acc_ty)
+    m2 = tl.zeros([1], dtype=acc_ty)
+    for tc in range(tc0, tc1 + 1):
+        rows = tl.minimum(cg - tc * BLOCK_C, BLOCK_C)
+        for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
+            c, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
+            # Exact two-step statistics of the tile, then Chan's merge into the running partial.
+            t_count = (rows * tl.minimum(S - ts * BLOCK_S, BLOCK_S)).to(acc_ty)
+            t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / t_count
+            d = tl.where(mask, x - t_mean, 0.0)
+            t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+            count, mean, m2 = welford_merge(count, mean, m2, t_count, t_mean, t_m2)
+    p = ng.to(tl.int64) * tl.num_programs(1) + tl.program_id(1) + tl.arange(0, 1)
+    tl.store(PCount + p, count)
+    tl.store(PMean + p, mean)
+    tl.store(PM2 + p, m2)
+
+
+@triton.jit
+def _merge_partials(PCount, PMean, PM2, row, split, PBLOCK: tl.constexpr):
+    """Chan-merge the ``split`` partials of group ``row`` in a fixed order. Returns (count, mean, M2), each (1,)."""
+    acc_ty = PMean.dtype.element_ty
+    count = tl.zeros([1], dtype=acc_ty)
+    mean = tl.zeros([1], dtype=acc_ty)
+    m2 = tl.zeros([1], dtype=acc_ty)
+    base = row.to(tl.int64) * split
+    for p0 in range(0, split, PBLOCK):
+        p = p0 + tl.arange(0, PBLOCK)
+        pm = p < split
+        b_count = tl.load(PCount + base + p, mask=pm, other=0.0)
+        b_mean = tl.load(PMean + base + p, mask=pm, other=0.0)
+        b_m2 = tl.load(PM2 + base + p, mask=pm, other=0.0)
+        b_mean, b_m2, b_count = tl.reduce((b_mean, b_m2, b_count), 0, welford_combine)
+        count, mean, m2 = welford_merge(count, mean, m2, b_count, b_mean, b_m2)
+    return count, mean, m2
+
+
+@triton.jit
+def group_norm_apply_kernel(
+    X, Y, W, B, PCount, PMean, PM2, Mean, Rstd, Var,
+    stride_xn, stride_xo, stride_yn, stride_yo, G, cg, S, tiles_s, tiles_per_prog, num_tiles, eps,
+    CHANNELS_LAST: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PBLOCK: tl.constexpr,
+):
+    acc_ty = PMean.dtype.element_ty
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng - n * G
+    split = tl.num_programs(1)
+    count, mean, m2 = _merge_partials(PCount, PMean, PM2, ng, split, PBLOCK)
+    var = m2 / count
+    rstd = 1.0 / tl.sqrt(var + eps)
+    first = tl.arange(0, 1) + tl.program_id(1) == 0
+    tl.store(Mean + ng + tl.arange(0, 1), mean, mask=first)
+    tl.store(Rstd + ng + tl.arange(0, 1), rstd, mask=first)
+    tl.store(Var + ng + tl.arange(0, 1), var, mask=first)
+    # Broadcastable (1, 1) forms of the group statistics.
+    mean2 = tl.reshape(mean, (1, 1))
+    rstd2 = tl.reshape(rstd, (1, 1))
+    c_first = (g * cg).to(tl.int64)
+    if CHANNELS_LAST:
+        x_base = X + n.to(tl.int64) * stride_xn + c_first
+        y_base = Y + n.to(tl.int64) * stride_yn + c_first
+    else:
+        x_base = X + n.to(tl.int64) * stride_xn + c_first * stride_xo
+        y_base = Y + n.to(tl.int64) * stride_yn + c_first * stride_yo
+    t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
+    for tc in range(tc0, tc1 + 1):
+        if AFFINE:
+            c = tc * BLOCK_C + tl.arange(0, BLOCK_C)
+            # Fold mean/rstd/affine into one scale and shift per channel: y = x * a + b.
+            w = tl.load(W + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
+            bb = tl.load(B + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
+            scale = w[:, None] * rstd2
+            shift = bb[:, None] - mean2 * scale
+        for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
+            c, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
+            if AFFINE:
+                y = x * scale + shift
+            else:
+                y = (x - mean2) * rstd2
+            if SILU:
+                y = y / (1.0 + tl.exp(-y))
+            if stride_yo == stride_xo:
+                y_offs = offs
+            else:
+                y_offs = _offsets(tc, ts, stride_yo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            tl.store(y_base + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_tile(x, dy, mask, mean2, rstd2, w, bb, AFFINE: tl.constexpr, SILU: tl.constexpr):
+    """xhat and dL/d(affine output) of one tile (masked lanes zero)."""
+    xhat = tl.where(mask, (x - mean2) * rstd2, 0.0)
+    if SILU:
+        if AFFINE:
+            pre = xhat * w[:, None] + bb[:, None]
+        else:
+            pre = xhat
+        dy = _silu_grad(dy, pre)
+    dy = tl.where(mask, dy, 0.0)
+    return xhat, dy
+
+
+@triton.jit
+def group_norm_bwd_reduce_kernel(
+    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, DWp, DBp,
+    stride_dyn, stride_dyo, stride_xn, stride_xo, C, G, cg, S, tiles_s, tiles_per_prog, num_tiles,
+    CHANNELS_LAST: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    acc_ty = Rstd.dtype.element_ty
+    ng = tl.program_id(0)
+    sp = tl.program_id(1)
+    n = ng // G
+    g = ng - n * G
+    mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
+    rstd2 = tl.reshape(tl.load(Rstd + ng + tl.arange(0, 1)), (1, 1))
+    c_first = (g * cg).to(tl.int64)
+    if CHANNELS_LAST:
+        x_base = X + n.to(tl.int64) * stride_xn + c_first
+        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first
+    else:
+        x_base = X + n.to(tl.int64) * stride_xn + c_first * stride_xo
+        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first * stride_dyo
+    # This program's row of the (N * SPLIT, C) dW/dB partials: slots of this group's channels, written once.
+    p_row = (n.to(tl.int64) * tl.num_programs(1) + sp) * C + c_first
+    sum_g = tl.zeros([1], dtype=acc_ty)
+    sum_gx = tl.zeros([1], dtype=acc_ty)
+    t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
+    for tc in range(tc0, tc1 + 1):
+        c = tc * BLOCK_C + tl.arange(0, BLOCK_C)
+        if AFFINE:
+            w = tl.load(W + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
+            bb = tl.load(B + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
+        else:
+            w = tl.zeros([BLOCK_C], dtype=acc_ty)
+            bb = w
+        dw_acc = tl.zeros([BLOCK_C], dtype=acc_ty)
+        db_acc = tl.zeros([BLOCK_C], dtype=acc_ty)
+        for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
+            cc, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            if stride_dyo == stride_xo:
+                dy_offs = offs
+            else:
+                dy_offs = _offsets(tc, ts, stride_dyo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
+            dy = tl.load(dy_base + dy_offs, mask=mask, other=0.0).to(acc_ty)
+            xhat, dy = _grad_tile(x, dy, mask, mean2, rstd2, w, bb, AFFINE, SILU)
+            if AFFINE:
+                dw_acc += tl.sum(dy * xhat, axis=1)
+                db_acc += tl.sum(dy, axis=1)
+                gg = dy * w[:, None]
+            else:
+                gg = dy
+            sum_g += tl.sum(tl.sum(gg, axis=1), axis=0)
+            sum_gx += tl.sum(tl.sum(gg * xhat, axis=1), axis=0)
+        if AFFINE:
+            tl.store(DWp + p_row + c, dw_acc, mask=c < cg)
+            tl.store(DBp + p_row + c, db_acc, mask=c < cg)
+    p = ng.to(tl.int64) * tl.num_programs(1) + sp + tl.arange(0, 1)
+    tl.store(PSumG + p, sum_g)
+    tl.store(PSumGX + p, sum_gx)
+
+
+@triton.jit
+def group_norm_bwd_dx_kernel(
+    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, DX,
+    stride_dyn, stride_dyo, stride_xn, stride_xo, stride_dxn, stride_dxo,
+    G, cg, S, tiles_s, tiles_per_prog, num_tiles,
+    CHANNELS_LAST: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PBLOCK: tl.constexpr,
+):
+    acc_ty = Rstd.dtype.element_ty
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng - n * G
+    split = tl.num_programs(1)
+    # Group sums of g and g * xhat, merged in a fixed order.
+    sum_g = tl.zeros([PBLOCK], dtype=acc_ty)
+    sum_gx = tl.zeros([PBLOCK], dtype=acc_ty)
+    for p0 in range(0, split, PBLOCK):
+        p = p0 + tl.arange(0, PBLOCK)
+        sum_g += tl.load(PSumG + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
+        sum_gx += tl.load(PSumGX + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
+    m = (cg * S).to(acc_ty)
+    c2 = tl.reshape(tl.sum(sum_g, axis=0) / m + tl.zeros([1], dtype=acc_ty), (1, 1))
+    c1 = tl.reshape(tl.sum(sum_gx, axis=0) / m + tl.zeros([1], dtype=acc_ty), (1, 1))
+    mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
+    rstd2 = tl.reshape(tl.load(Rstd + ng + tl.arange(0, 1)), (1, 1))
+    c_first = (g * cg).to(tl.int64)
+    if CHANNELS_LAST:
+        x_base = X + n.to(tl.int64) * stride_xn + c_first
+        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first
+        dx_base = DX + n.to(tl.int64) * stride_dxn + c_first
+    else:
+        x_base = X + n.to(tl.int64) * stride_xn + c_first * stride_xo
+        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first * stride_dyo
+        dx_base = DX + n.to(tl.int64) * stride_dxn + c_first * stride_dxo
+    t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
+    for tc in range(tc0, tc1 + 1):
+        c = tc * BLOCK_C + tl.arange(0, BLOCK_C)
+        if AFFINE:
+            w = tl.load(W + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
+            bb = tl.load(B + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
+        else:
+            w = tl.zeros([BLOCK_C], dtype=acc_ty)
+            bb = w
+        for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
+            cc, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            if stride_dyo == stride_xo:
+                dy_offs = offs
+            else:
+                dy_offs = _offsets(tc, ts, stride_dyo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            if stride_dxo == stride_xo:
+                dx_offs = offs
+            else:
+                dx_offs = _offsets(tc, ts, stride_dxo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
+            dy = tl.load(dy_base + dy_offs, mask=mask, other=0.0).to(acc_ty)
+            xhat, dy = _grad_tile(x, dy, mask, mean2, rstd2, w, bb, AFFINE, SILU)
+            if AFFINE:
+                gg = dy * w[:, None]
+            else:
+                gg = dy
+            dx = (gg - xhat * c1 - c2) * rstd2
+            tl.store(dx_base + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ---- launch configuration --------------------------------------------------------------------------------
+
+
+def _bucket(v: int, choices: tuple[int, ...]) -> int:
+    """The smallest choice >= v, else the largest."""
+    for ch in choices:
+        if ch >= v:
+            return ch
+    return choices[-1]
+
+
+def group_norm_config(cg: int, s: int, channels_last: bool) -> dict[str, int]:
+    """Tile shape for groups of ``cg`` channels x ``s`` spatial elements: a function of coarse buckets of the
+    unit-stride extent (S for NCHW, Cg for channels_last) and the layout only. Returns BLOCK_C, BLOCK_S."""
+    if channels_last:
+        block_c = _bucket(cg, NHWC_BLOCK_C)
+        return {"BLOCK_C": block_c, "BLOCK_S": TILE // block_c}
+    block_s = _bucket(s, NCHW_BLOCK_S)
+    return {"BLOCK_C": TILE // block_s, "BLOCK_S": block_s}
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(x: Tensor) -> int:
+    """Programs that fill the machine: PROGRAMS_PER_SM per SM on CUDA, 4 SMs assumed under the interpreter."""
+    if x.is_cuda:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return _sm_count(index) * PROGRAMS_PER_SM
+    return 4 * PROGRAMS_PER_SM
+
+
+def split_plan(ng: int, num_tiles: int, target: int) -> tuple[int, int]:
+    """(SPLIT, tiles per program) for ``ng`` groups of ``num_tiles`` tiles aiming at ``target`` programs.
+    Every program gets at least one tile."""
+    split = max(1, min(num_tiles, -(-target // max(ng, 1))))
+    per_prog = -(-num_tiles // split)
+    return -(-num_tiles // per_prog), per_prog
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _strides(t: Tensor, channels_last: bool) -> tuple[int, int] | None:
+    """(stride_n, stride of the non-unit axis) when ``t`` is a (C, S) matrix per sample whose unit-stride axis
+    is C (``channels_last``) or S; None when it is not (then the caller makes it so)."""
+    spatial = [d for d in range(2, t.dim()) if t.shape[d] > 1]
+    s_stride = t.stride(spatial[-1]) if spatial else 1
+    for a, b in zip(spatial[:-1], spatial[1:], strict=True):
+        if t.stride(a) != t.stride(b) * t.shape[b]:
+            return None  # spatial dims do not flatten to one stride
+    c_stride = t.stride(1) if t.shape[1] > 1 else 1
+    n_stride = t.stride(0)
+    if channels_last:
+        return (n_stride, s_stride) if c_stride == 1 else None
+    return (n_stride, c_stride) if s_stride == 1 else None
+
+
+class _Geometry:
+    """Layout, tile shape and split of one GroupNorm call (a function of the input's shape and layout only)."""
+
+    def __init__(self, x: Tensor, num_groups: int):
+        self.n, self.c = x.shape[0], x.shape[1]
+        self.s = math.prod(x.shape[2:])
+        self.g = num_groups
+        self.cg = self.c // num_groups
+        self.fmt = _memory_format(x)
+        # With S == 1 the channels are the contiguous axis whatever the format says.
+        self.channels_last = self.s == 1 or self.fmt != torch.contiguous_format
+        self.cfg = group_norm_config(self.cg, self.s, self.channels_last)
+        self.tiles_s = triton.cdiv(self.s, self.cfg["BLOCK_S"])
+        self.num_tiles = triton.cdiv(self.cg, self.cfg["BLOCK_C"]) * self.tiles_s
+        self.split, self.per_prog = split_plan(self.n * self.g, self.num_tiles, _target_programs(x))
+
+    def canonical(self, t: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``t`` (copied only if its layout does not match) and its (stride_n, stride_other)."""
+        st = _strides(t, self.channels_last)
+        if st is None:
+            t = t.contiguous(memory_format=self.fmt)
+            st = _strides(t, self.channels_last)
+        return t, st
+
+    def empty_like(self, x: Tensor) -> Tensor:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=self.fmt)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.n * self.g, self.split)
+
+    def common_args(self) -> tuple[int, ...]:
+        return (self.g, self.cg, self.s, self.tiles_s, self.per_prog, self.num_tiles)
+
+
+def _device_ctx(x: Tensor):
+    return torch.cuda.device(x.device) if x.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _affine_params(weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Both affine parameters or neither: a missing one becomes ones / zeros (C elements, nothing to speak of)."""
+    if weight is None and bias is None:
+        return None, None
+    if weight is None:
+        weight = torch.ones_like(bias)
+    if bias is None:
+        bias = torch.zeros_like(weight)
+    return weight, bias
+
+
+def group_norm_fwd_var(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, activation: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``group_norm_fwd`` that also returns the biased group variance (N, G) acc dtype, computed from M2 (not
+    from rstd, which loses it when var << eps); InstanceNorm's running_var uses it."""
+    geo = _Geometry(x, num_groups)
+    x, (sxn, sxo) = geo.canonical(x)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ng = geo.n * geo.g
+    dev = x.device
+    pcount, pmean, pm2 = (torch.empty((ng, geo.split), dtype=acc, device=dev) for _ in range(3))
+    mean, rstd, var = (torch.empty((geo.n, geo.g), dtype=acc, device=dev) for _ in range(3))
+    y = geo.empty_like(x)
+    _, (syn, syo) = geo.canonical(y)
+    w, b = _affine_params(weight, bias)
+    with _device_ctx(x):
+        group_norm_stats_kernel[geo.grid](
+            x, pcount, pmean, pm2, sxn, sxo, *geo.common_args(),
+            CHANNELS_LAST=geo.channels_last, **geo.cfg, num_warps=NUM_WARPS,
+        )
+        group_norm_apply_kernel[geo.grid](
+            x, y, w, b, pcount, pmean, pm2, mean, rstd, var,
+            sxn, sxo, syn, syo, *geo.common_args(), eps,
+            CHANNELS_LAST=geo.channels_last, AFFINE=w is not None, SILU=activation == "silu",
+            PBLOCK=PARTIAL_BLOCK, **geo.cfg, num_warps=NUM_WARPS,
+        )
+    return y, mean, rstd, var
+
+
+def group_norm_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, num_groups: int, eps: float, activation: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """See ``fusednorm.backends.reference.group_norm_fwd``: x (N, C, *spatial) contiguous or channels_last,
+    N * C * S > 0. Returns y (x's memory format), mean and rstd (N, G) fp32 (fp64 for fp64 x)."""
+    y, mean, rstd, _ = group_norm_fwd_var(x, weight, bias, num_groups, eps, activation)
+    return y, mean, rstd
+
+
+def group_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    num_groups: int,
+    activation: str,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """See ``fusednorm.backends.reference.group_norm_bwd``. Returns dx (x's memory format), dweight, dbias (C,)
+    in the parameters' dtypes (None when absent); dW/dB are reduced deterministically in fp32/fp64."""
+    geo = _Geometry(x, num_groups)
+    x, (sxn, sxo) = geo.canonical(x)
+    dy, (sdn, sdo) = geo.canonical(dy)
+    acc = rstd.dtype
+    dev = x.device
+    ng = geo.n * geo.g
+    w, b = _affine_params(weight, bias)
+    affine = w is not None
+    psum_g, psum_gx = (torch.empty((ng, geo.split), dtype=acc, device=dev) for _ in range(2))
+    # Slots of channels a program does not cover stay zero, so these start at zero.
+    dwp = torch.zeros((geo.n * geo.split, geo.c), dtype=acc, device=dev) if affine else None
+    dbp = torch.zeros((geo.n * geo.split, geo.c), dtype=acc, device=dev) if affine else None
+    dx = geo.empty_like(x)
+    _, (sxdn, sxdo) = geo.canonical(dx)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    flags = {"CHANNELS_LAST": geo.channels_last, "AFFINE": affine, "SILU": activation == "silu"}
+    with _device_ctx(x):
+        group_norm_bwd_reduce_kernel[geo.grid](
+            dy, x, w, b, mean, rstd, psum_g, psum_gx, dwp, dbp,
+            sdn, sdo, sxn, sxo, geo.c, *geo.common_args(),
+            **flags, **geo.cfg, num_warps=NUM_WARPS,
+        )
+        group_norm_bwd_dx_kernel[geo.grid](
+            dy, x, w, b, mean, rstd, psum_g, psum_gx, dx,
+            sdn, sdo, sxn, sxo, sxdn, sxdo, *geo.common_args(),
+            **flags, PBLOCK=PARTIAL_BLOCK, **geo.cfg, num_warps=NUM_WARPS,
+        )
+    dw = dwp.sum(dim=0).to(weight.dtype) if weight is not None else None
+    db = dbp.sum(dim=0).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
+# ---- offline compilation ---------------------------------------------------------------------------------
+
+
+def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
+    """Every (name, kernel, signature, constexprs, num_warps) the launchers above can choose, with the worst-case
+    dtypes (fp32; bf16 input with fp32 parameters; fp64), for ``triton.compiler.ASTSource``."""
+    dtype_sets = [("fp32", "fp32", "fp32"), ("bf16", "fp32", "fp32"), ("fp64", "fp64", "fp64")]
+    tiles = [(False, TILE // bs, bs) for bs in NCHW_BLOCK_S] + [(True, bc, TILE // bc) for bc in NHWC_BLOCK_C]
+    geo = {"G": "i32", "cg": "i32", "S": "i32", "tiles_s": "i32", "tiles_per_prog": "i32", "num_tiles": "i32"}
+    out = []
+    for xd, pd, ad in dtype_sets:
+        tag = f"x{xd}_p{pd}"
+        for cl, bc, bs in tiles:
+            tile = {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}
+            name = f"{tag}_{'nhwc' if cl else 'nchw'}_c{bc}_s{bs}"
+            sig = {"X": f"*{xd}", "PCount": f"*{ad}", "PMean": f"*{ad}", "PM2": f"*{ad}",
+                   "stride_xn": "i64", "stride_xo": "i64", **geo}
+            out.append((f"group_norm_stats_kernel_{name}", group_norm_stats_kernel, sig, dict(tile), NUM_WARPS))
+            for affine in (False, True):
+                for silu in (False, True):
+                    flags = {**tile, "AFFINE": affine, "SILU": silu}
+                    fname = f"{name}_a{int(affine)}_silu{int(silu)}"
+                    sig = {"X": f"*{xd}", "Y": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
+                           "PCount": f"*{ad}", "PMean": f"*{ad}", "PM2": f"*{ad}",
+                           "Mean": f"*{ad}", "Rstd": f"*{ad}", "Var": f"*{ad}",
+                           "stride_xn": "i64", "stride_xo": "i64", "stride_yn": "i64", "stride_yo": "i64",
+                           **geo, "eps": "fp32"}
+                    out.append((f"group_norm_apply_kernel_{fname}", group_norm_apply_kernel, sig,
+                                {**flags, "PBLOCK": PARTIAL_BLOCK}, NUM_WARPS))
+                    sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
+                           "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
+                           "DWp": f"*{ad}", "DBp": f"*{ad}",
+                           "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
+                           "C": "i32", **geo}
+                    out.append((f"group_norm_bwd_reduce_kernel_{fname}", group_norm_bwd_reduce_kernel, sig,
+                                dict(flags), NUM_WARPS))
+                    sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
+                           "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
+                           "DX": f"*{xd}",
+                           "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
+                           "stride_dxn": "i64", "stride_dxo": "i64", **geo}
+                    out.append((f"group_norm_bwd_dx_kernel_{fname}", group_norm_bwd_dx_kernel, sig,
+                                {**flags, "PBLOCK": PARTIAL_BLOCK}, NUM_WARPS))
+    return out
