@@ -352,3 +352,137 @@ def add_rms_norm(
         check_floating("add_rms_norm", x)
         eps = torch.finfo(x.dtype).eps
     return _add_norm("add_rms_norm", x, residual, weight, None, eps, dropout_p, prenorm, residual_in_fp32, True)
+
+
+def _check_channel_param(name: str, what: str, p: Tensor | None, c: int) -> None:
+    if p is not None and tuple(p.shape) != (c,):
+        raise RuntimeError(f"{name}: expected {what} of shape [{c}] (num_channels), but got {_shape_list(p.shape)}")
+
+
+def layer_norm_2d(
+    input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6
+) -> Tensor:
+    """Channels-first LayerNorm: normalize (N, C, *spatial) over C at every spatial position.
+
+    weight, bias: (C,) or None. NCHW and channels_last inputs are read in place (no permute copy); the result
+    has input's shape, dtype and memory format. Equals ``layer_norm(input.movedim(1, -1), (C,), w, b, eps)``
+    moved back.
+    """
+    name = "layer_norm_2d"
+    check_floating(name, input)
+    check_floating(name, weight, "weight")
+    check_floating(name, bias, "bias")
+    if input.dim() < 2:
+        raise RuntimeError(
+            f"{name}: expected input of shape (N, C, *), but got input of size{_shape_list(input.shape)}"
+        )
+    c = input.shape[1]
+    _check_channel_param(name, "weight", weight, c)
+    _check_channel_param(name, "bias", bias, c)
+    check_same_device(name, input, weight=weight, bias=bias)
+    return _variant_ops.layer_norm_channels_first(input, weight, bias, eps)
+
+
+def adaptive_layer_norm(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    rms: bool = False,
+) -> Tensor:
+    """Adaptive LayerNorm (DiT AdaLN): ``norm(x) * (1 + scale) + shift`` in one pass.
+
+    x: (B, L, D); scale, shift: (B, D) (or (B, 1, D)), broadcast over L; weight, bias: (D,) or None (the usual
+    DiT form has neither). ``rms=True`` uses RMSNorm statistics (bias still allowed). Returns (B, L, D) in x.dtype;
+    gradients flow to x, scale, shift, weight and bias.
+    """
+    name = "adaptive_layer_norm"
+    for what, t in (("input", x), ("scale", scale), ("shift", shift), ("weight", weight), ("bias", bias)):
+        check_floating(name, t, what)
+    if x.dim() != 3:
+        raise RuntimeError(f"{name}: expected x of shape (B, L, D), but got input of size{_shape_list(x.shape)}")
+    b, _, d = x.shape
+    scale = scale.reshape(b, d) if scale.dim() == 3 and scale.shape[1] == 1 else scale
+    shift = shift.reshape(b, d) if shift.dim() == 3 and shift.shape[1] == 1 else shift
+    for what, t in (("scale", scale), ("shift", shift)):
+        if tuple(t.shape) != (b, d):
+            raise RuntimeError(f"{name}: expected {what} of shape [{b}, {d}] (or [{b}, 1, {d}]), but got "
+                               f"{_shape_list(t.shape)}")
+    _check_channel_param(name, "weight", weight, d)
+    _check_channel_param(name, "bias", bias, d)
+    check_same_device(name, x, scale=scale, shift=shift, weight=weight, bias=bias)
+    return _variant_ops.adaptive_norm(x, scale, shift, weight, bias, eps, rms)
+
+
+def weight_norm_fn(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
+    """``torch._weight_norm``: w = g * v / ||v||, the norm over every dim of v except ``dim``.
+
+    ``dim=None`` or ``-1``: the norm of the whole tensor. g: shaped like ``torch.norm_except_dim(v, 2, dim)``.
+    Returns w with v's shape and dtype.
+    """
+    name = "weight_norm"
+    check_floating(name, v, "v")
+    check_floating(name, g, "g")
+    d = -1 if dim is None else dim
+    count = 1 if d == -1 or v.dim() == 0 else v.shape[d % v.dim()]
+    if g.numel() != count:
+        raise RuntimeError(f"{name}: expected g with {count} elements for dim={dim}, but got {_shape_list(g.shape)}")
+    check_same_device(name, v, g=g)
+    return _variant_ops.weight_norm_apply(v, g, d)
+
+
+def switchable_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    mean_weight: Tensor,
+    var_weight: Tensor,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    using_moving_average: bool = True,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """SwitchableNorm of (N, C, *spatial): mixes instance, layer and batch statistics with softmax weights.
+
+    weight, bias: (C,); mean_weight, var_weight: (3,) logits for (instance, layer, batch). In training the batch
+    statistics are used and, when running buffers are given, folded into them in place (momentum average if
+    ``using_moving_average``, else the cumulative average over ``num_batches_tracked`` batches); in eval the
+    running statistics replace the batch ones. Variances are biased throughout (running_var included).
+    """
+    name = "switchable_norm"
+    for what, t in (("input", input), ("weight", weight), ("bias", bias), ("mean_weight", mean_weight),
+                    ("var_weight", var_weight)):
+        check_floating(name, t, what)
+    if input.dim() < 2:
+        raise ValueError(f"{name}: expected input of shape (N, C, *), got {input.dim()}-D input")
+    c = input.shape[1]
+    _check_channel_param(name, "weight", weight, c)
+    _check_channel_param(name, "bias", bias, c)
+    for what, t in (("mean_weight", mean_weight), ("var_weight", var_weight)):
+        if tuple(t.shape) != (3,):
+            raise RuntimeError(f"{name}: expected {what} of shape [3], but got {_shape_list(t.shape)}")
+    use_batch = training or running_mean is None
+    if use_batch and input.numel() // c <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    if input.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty input, got input size {input.size()}")
+    check_same_device(name, input, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
+    y, mean_bn, var_bn = _variant_ops.switchable_norm(
+        input, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch, eps
+    )
+    if training and running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            if using_moving_average:
+                factor = momentum
+            else:  # cumulative average over the batches seen so far
+                if num_batches_tracked is None:
+                    raise ValueError(f"{name}: using_moving_average=False needs num_batches_tracked")
+                factor = 1.0 / float(num_batches_tracked.item())
+            running_mean.lerp_(mean_bn.to(running_mean.dtype), factor)
+            running_var.lerp_(var_bn.to(running_var.dtype), factor)
+    return y

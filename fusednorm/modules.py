@@ -179,4 +179,111 @@ class AddRMSNorm(torch.nn.RMSNorm):
                f"residual_in_fp32={self.residual_in_fp32}"
 
 
-__all__ += ["AddLayerNorm", "AddRMSNorm"]
+class LayerNorm2d(torch.nn.LayerNorm):
+    """Channels-first LayerNorm (ConvNeXt / timm ``LayerNorm2d``): normalizes (N, C, *spatial) over C.
+
+    ``LayerNorm2d(num_channels, eps=1e-6, elementwise_affine=True, bias=True, device=None, dtype=None)``; weight
+    and bias are (C,) with ``torch.nn.LayerNorm``'s state_dict keys. NCHW and channels_last inputs are read in
+    place through their strides (no permute copies); ``bias=False`` gives the bias-free form.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-6,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_channels, eps, elementwise_affine, bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.layer_norm_2d(input, self.weight, self.bias, self.eps)
+
+
+class SwitchableNorm2d(torch.nn.Module):
+    """SwitchableNorm (Luo et al.) for (N, C, H, W): learned softmax mixture of instance, layer and batch stats.
+
+    ``SwitchableNorm2d(num_features, eps=1e-5, momentum=0.1, using_moving_average=True, device=None,
+    dtype=None)``. Parameters: weight, bias (C,); mean_weight, var_weight (3,) (logits over instance, layer,
+    batch; separate for means and variances). Buffers: running_mean, running_var (C,) (biased batch
+    statistics), num_batches_tracked. Eval mode uses the running batch statistics. ``using_moving_average=False``
+    keeps the cumulative average of the batch statistics instead of a momentum average.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        using_moving_average: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.using_moving_average = using_moving_average
+        self.weight = torch.nn.Parameter(torch.ones(num_features, **kw))
+        self.bias = torch.nn.Parameter(torch.zeros(num_features, **kw))
+        self.mean_weight = torch.nn.Parameter(torch.ones(3, **kw))
+        self.var_weight = torch.nn.Parameter(torch.ones(3, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.switchable_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, self.mean_weight, self.var_weight,
+            self.training, self.momentum, self.eps, self.using_moving_average, self.num_batches_tracked,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, " \
+               f"using_moving_average={self.using_moving_average}"
+
+
+class _FusedWeightNorm(torch.nn.Module):
+    """Parametrization computing w = g * v / ||v|| with the fused kernel (torch's ``_WeightNorm`` contract)."""
+
+    def __init__(self, dim: int | None = 0) -> None:
+        super().__init__()
+        self.dim = -1 if dim is None else dim
+
+    def forward(self, weight_g: Tensor, weight_v: Tensor) -> Tensor:
+        return F.weight_norm_fn(weight_v, weight_g, self.dim)
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.norm_except_dim(weight, 2, self.dim), weight
+
+
+def weight_norm(module: torch.nn.Module, name: str = "weight", dim: int | None = 0) -> torch.nn.Module:
+    """``torch.nn.utils.parametrizations.weight_norm`` with a fused kernel for w = g * v / ||v|| and its backward.
+
+    Registers a parametrization on ``module.<name>``: state_dict keys ``parametrizations.<name>.original0`` (g)
+    and ``.original1`` (v), exactly as torch's; ``torch.nn.utils.parametrize.remove_parametrizations`` works, and
+    old ``<name>_g`` / ``<name>_v`` checkpoints load. Returns the module.
+    """
+    torch.nn.utils.parametrize.register_parametrization(module, name, _FusedWeightNorm(dim), unsafe=True)
+
+    def _compat_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        g_key, v_key = f"{prefix}{name}_g", f"{prefix}{name}_v"
+        if g_key in state_dict and v_key in state_dict:
+            state_dict[f"{prefix}parametrizations.{name}.original0"] = state_dict.pop(g_key)
+            state_dict[f"{prefix}parametrizations.{name}.original1"] = state_dict.pop(v_key)
+
+    module._register_load_state_dict_pre_hook(_compat_hook)
+    return module
+
+
+__all__ += ["AddLayerNorm", "AddRMSNorm", "LayerNorm2d", "SwitchableNorm2d", "weight_norm"]

@@ -275,5 +275,5 @@ _OPS = frozenset(
         "batch_norm_bwd_dx",
     }
 )
-from fusednorm.backends.reference_variants import *  # noqa: E402,F401,F403
+from fusednorm.backends.reference_variants import *  # noqa: E402,F401,F403,I001
 _OPS = _OPS | VARIANT_OPS  # noqa: F405

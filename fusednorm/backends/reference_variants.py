@@ -294,10 +294,13 @@ def plane_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (xf - mean[:, None]).square().sum(dim=1)
 
 
-def plane_affine(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """y = x * a[r] + b[r] for planes x (R, P); a, b: (R,) acc dtype. Returns y (R, P) in x.dtype."""
+def plane_affine(x: Tensor, center: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """y = (x - center[r]) * a[r] + b[r] for planes x (R, P); center, a, b: (R,) acc dtype. Returns y in x.dtype.
+
+    Centring first keeps full precision when |mean| >> std (x * a - mean * a would cancel).
+    """
     acc = _acc(x.dtype)
-    return (x.to(acc) * a[:, None] + b[:, None]).to(x.dtype).contiguous()
+    return ((x.to(acc) - center[:, None]) * a[:, None] + b[:, None]).to(x.dtype).contiguous()
 
 
 def plane_bwd_reduce(dy: Tensor, x: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,10 +310,14 @@ def plane_bwd_reduce(dy: Tensor, x: Tensor, center: Tensor) -> tuple[Tensor, Ten
     return dyf.sum(dim=1), (dyf * (x.to(acc) - center[:, None])).sum(dim=1)
 
 
-def plane_bwd_dx(dy: Tensor, x: Tensor, k: Tensor, p: Tensor, q: Tensor) -> Tensor:
-    """dx = dy * k[r] + x * p[r] + q[r] for planes (R, P); k, p, q (R,) acc dtype. Returns dx in x.dtype."""
+def plane_bwd_dx(dy: Tensor, x: Tensor, center: Tensor, k: Tensor, p: Tensor, q: Tensor) -> Tensor:
+    """dx = dy * k[r] + (x - center[r]) * p[r] + q[r] for planes (R, P); center, k, p, q (R,) acc dtype.
+
+    Returns dx (R, P) in x.dtype.
+    """
     acc = _acc(x.dtype)
-    return (dy.to(acc) * k[:, None] + x.to(acc) * p[:, None] + q[:, None]).to(x.dtype).contiguous()
+    xc = x.to(acc) - center[:, None]
+    return (dy.to(acc) * k[:, None] + xc * p[:, None] + q[:, None]).to(x.dtype).contiguous()
 
 
 VARIANT_OPS = frozenset(

@@ -28,9 +28,21 @@ _OPS |= {"group_norm_fwd", "group_norm_bwd", "group_norm_fwd_var"}
 
 # ==== Fused variants (issue 8) ===========================================================================
 
-from fusednorm.backends.triton.add_norm import add_norm_bwd, add_norm_fwd  # noqa: E402
+from fusednorm.backends.triton.ada_norm import ada_norm_bwd, ada_norm_fwd  # noqa: E402,F401
+from fusednorm.backends.triton.add_norm import add_norm_bwd, add_norm_fwd  # noqa: E402,F401
+from fusednorm.backends.triton.layer_norm_cf import layer_norm_cf_bwd, layer_norm_cf_fwd  # noqa: E402,F401
+from fusednorm.backends.triton.switchable_norm import (  # noqa: E402,F401
+    plane_affine,
+    plane_bwd_dx,
+    plane_bwd_reduce,
+    plane_stats,
+)
+from fusednorm.backends.triton.weight_norm import weight_norm_bwd, weight_norm_fwd  # noqa: E402,F401
 
-_OPS |= {"add_norm_fwd", "add_norm_bwd"}
+_OPS |= {
+    "add_norm_fwd", "add_norm_bwd", "layer_norm_cf_fwd", "layer_norm_cf_bwd", "ada_norm_fwd", "ada_norm_bwd",
+    "weight_norm_fwd", "weight_norm_bwd", "plane_stats", "plane_affine", "plane_bwd_reduce", "plane_bwd_dx",
+}
 
 
 def supports(op: str) -> bool:
