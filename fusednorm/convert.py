@@ -53,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import inspect
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
@@ -85,7 +86,8 @@ EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 _ORIGINAL = "_fusednorm_original_class"
 _BACKEND = "_fusednorm_backend"
 _SPEC = "_fusednorm_spec"
-_SUMMARY = "_fusednorm_summary"
+# Summaries live beside the model, not in it: they name generated classes, which must not be pickled by name.
+_SUMMARIES: weakref.WeakKeyDictionary[nn.Module, ReplacementSummary] = weakref.WeakKeyDictionary()
 
 Filter = Union[str, type, Iterable[Union[str, type]], None]
 
@@ -185,7 +187,7 @@ _CLASS_CACHE: dict[tuple, type] = {}
 
 
 def _pinned(forward: Callable) -> Callable:
-    """Wrap ``forward`` so it runs inside ``use_backend(self._fusednorm_backend)`` when a backend is pinned."""
+    """Wrap ``forward`` so the module's ops run with its pinned backend, forward and backward (eager)."""
 
     def pinned_forward(self, *args: Any, **kwargs: Any) -> Any:
         backend = getattr(self, _BACKEND, None)
@@ -193,9 +195,49 @@ def _pinned(forward: Callable) -> Callable:
         if backend is None or torch.compiler.is_compiling():
             return forward(self, *args, **kwargs)
         with use_backend(backend):
-            return forward(self, *args, **kwargs)
+            out = forward(self, *args, **kwargs)
+        if torch.is_grad_enabled():
+            _pin_backward(out, (*args, *kwargs.values()), backend)
+        return out
 
     return pinned_forward
+
+
+def _pin_backward(out: Any, inputs: tuple, backend: str) -> None:
+    """Run the autograd nodes this module's forward created inside ``use_backend(backend)`` too.
+
+    The backward runs long after the forward's ``with`` block has exited, so each node created by the forward
+    (found by walking from the outputs back to the inputs' nodes and the parameters' AccumulateGrad) gets a
+    pre-hook entering the scope and a post-hook leaving it; the scope is thread-local and a node's hooks and
+    body run on one thread.
+    """
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    stack = [t.grad_fn for t in outs if isinstance(t, Tensor) and t.grad_fn is not None]
+    if not stack:
+        return
+    stop = {t.grad_fn for t in inputs if isinstance(t, Tensor) and t.grad_fn is not None}
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in stop or node in seen:
+            continue
+        seen.add(node)
+        if not node.next_functions and "AccumulateGrad" in node.name():
+            continue  # a parameter's leaf node: nothing runs there
+        scopes: list = []
+
+        def enter(grad_outputs, scopes=scopes):
+            scope = use_backend(backend)
+            scope.__enter__()
+            scopes.append(scope)
+
+        def leave(grad_inputs, grad_outputs, scopes=scopes):
+            if scopes:
+                scopes.pop().__exit__(None, None, None)
+
+        node.register_prehook(enter)
+        node.register_hook(leave)
+        stack.extend(n for n, _ in node.next_functions)
 
 
 def _reduce_patched(self: nn.Module, protocol: int):
@@ -463,7 +505,7 @@ def replace_norms(
         else:
             kind = f"{spec.kind}, weight+{spec.offset:g}" if spec.offset else spec.kind
         summary.replaced.append(Replaced(name, original, cls, kind, backend))
-    model.__dict__[_SUMMARY] = summary
+    _SUMMARIES[model] = summary
     if verbose:
         print(summary)
     return model
@@ -486,6 +528,8 @@ def _plan(module: nn.Module, table: dict[type, type]) -> tuple[type | None, RowN
     if eps_attr is None:
         return None, None, None
     spec, why = _probe(module, eps_attr)
+    if spec is None and "norm" not in original.__name__.lower():
+        return None, None, None  # weight + eps but not a norm (e.g. a scale layer): not worth a report
     return None, spec, why
 
 
@@ -501,10 +545,10 @@ def restore_norms(model: nn.Module) -> nn.Module:
     """Undo ``replace_norms``: put every patched module's original class back (same parameters); return model."""
     for module in model.modules():
         _unpatch(module)
-    model.__dict__.pop(_SUMMARY, None)
+    _SUMMARIES.pop(model, None)
     return model
 
 
 def replacement_summary(model: nn.Module) -> ReplacementSummary | None:
     """The summary of the last ``replace_norms(model)`` call (None when it was not called or was restored)."""
-    return model.__dict__.get(_SUMMARY)
+    return _SUMMARIES.get(model)
