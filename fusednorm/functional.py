@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fusednorm.ops import variants as _variant_ops
+from fusednorm.ops.batch_norm import batch_norm_nd
 from fusednorm.ops.group_norm import group_norm_nd, spatial_numel
 from fusednorm.ops.layer_norm import layer_norm_rows
 
@@ -263,6 +264,68 @@ def instance_norm(
 
 
 # ==== BatchNorm / SyncBatchNorm (issue 4) ================================================================
+
+
+def check_batch_norm_args(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    eps: float,
+    check_batch_size: bool = True,
+) -> None:
+    """Validate a batch_norm call like torch, with torch's messages (also used by SyncBatchNorm, which skips
+    the one-value-per-channel rule: its statistics cover every rank's batch)."""
+    if training and check_batch_size:
+        size = input.size()
+        values = size[0] * math.prod(size[2:])
+        if values == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    for what, t in (("input", input), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_floating("batch_norm", t, what)
+    c = input.size(1)  # torch's IndexError for 1-D input
+    if not training:
+        for what, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"{what} must be defined in evaluation mode")
+    elif (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    for what, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is not None and t.numel() != c:
+            raise RuntimeError(f"{what} should contain {c} elements not {t.numel()}")
+    check_same_device("batch_norm", input, weight=weight, bias=bias, running_mean=running_mean,
+                      running_var=running_var)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization per channel over (N, *spatial), like ``torch.nn.functional.batch_norm``.
+
+    input: (N, C, *spatial), float16/bfloat16/float32/float64, contiguous or channels_last(_3d) (kept in the
+    output); weight, bias, running_mean, running_var: (C,), any floating dtype (fp32 with bf16/fp16 input
+    is the AMP case). training=True normalizes with the batch's biased variance and, when the running
+    buffers are given, updates them in place with momentum (unbiased variance), on the device; training=False
+    normalizes with the running buffers. ``momentum`` may also be a 0-dim tensor (the modules pass one for
+    momentum=None, so the cumulative average needs no host sync). Statistics in fp32 (fp64 for fp64 input).
+    """
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
+    return batch_norm_nd(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 # ==== Fused variants (issue 8) ===========================================================================

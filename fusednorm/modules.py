@@ -107,6 +107,105 @@ __all__ += ["GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 # ==== BatchNorm / SyncBatchNorm (issue 4) ================================================================
 
 
+def _batch_norm_plan(bn: torch.nn.modules.batchnorm._BatchNorm) -> tuple[bool, float | Tensor, bool]:
+    """torch's _BatchNorm.forward bookkeeping: (use batch statistics, momentum factor, pass the buffers).
+
+    Bumps num_batches_tracked in training. momentum=None (cumulative average) gives the factor
+    1 / num_batches_tracked as a 0-dim device tensor instead of a Python float, so no host sync happens.
+    """
+    factor: float | Tensor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = torch.reciprocal(bn.num_batches_tracked.to(torch.float64))
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    pass_buffers = not bn.training or bn.track_running_stats
+    return bn_training, factor, pass_buffers
+
+
+class _FusedBatchNormForward:
+    """forward() shared by BatchNorm1d/2d/3d: torch's running-statistics rules, fusednorm kernels."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        bn_training, factor, pass_buffers = _batch_norm_plan(self)
+        return F.batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_FusedBatchNormForward, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` with fusednorm kernels; input (N, C) or (N, C, L). Same constructor:
+    ``BatchNorm1d(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+    dtype=None)``.
+    """
+
+
+class BatchNorm2d(_FusedBatchNormForward, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` with fusednorm kernels; input (N, C, H, W), NCHW or channels_last (kept)."""
+
+
+class BatchNorm3d(_FusedBatchNormForward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` with fusednorm kernels; input (N, C, D, H, W), NCDHW or channels_last_3d."""
+
+
+class SyncBatchNorm(torch.nn.SyncBatchNorm):
+    """``torch.nn.SyncBatchNorm`` with fusednorm kernels and collectives (``fusednorm.distributed``).
+
+    Same constructor: ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, process_group=None, device=None, dtype=None)``. In training with a process
+    group of more than one rank, statistics cover the whole (uneven, possibly locally empty) global batch:
+    one all_gather of (count, mean, M2) per channel in forward, one all_reduce in backward. Works with NCCL
+    and with gloo on CPU. Otherwise it behaves as BatchNorm with local statistics.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        from fusednorm.distributed import sync_batch_norm, sync_group
+
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        bn_training, factor, pass_buffers = _batch_norm_plan(self)
+        running_mean = self.running_mean if pass_buffers else None
+        running_var = self.running_var if pass_buffers else None
+        group = sync_group(self.process_group) if bn_training and self.training else None
+        if group is None:
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
+                                self.eps)
+        return sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor, self.eps, group)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Replace every BatchNorm*D (torch's or fusednorm's) in ``module`` by a ``fusednorm.SyncBatchNorm``
+        sharing its parameters and buffers; returns the converted module (``module`` itself if not a BN)."""
+        out = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, process_group, bias=module.bias is not None)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return out
+
+
+__all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
+
+
 # ==== Fused variants (issue 8) ===========================================================================
 
 

@@ -25,6 +25,13 @@ _OPS |= {"group_norm_fwd", "group_norm_bwd", "group_norm_fwd_var"}
 
 # ==== BatchNorm (issue 4) ================================================================================
 
+from fusednorm.backends.triton.batch_norm import batch_norm_apply as batch_norm_apply  # noqa: E402
+from fusednorm.backends.triton.batch_norm import batch_norm_bwd_dx as batch_norm_bwd_dx  # noqa: E402
+from fusednorm.backends.triton.batch_norm import batch_norm_bwd_reduce as batch_norm_bwd_reduce  # noqa: E402
+from fusednorm.backends.triton.batch_norm import batch_norm_stats as batch_norm_stats  # noqa: E402
+
+_OPS |= {"batch_norm_stats", "batch_norm_apply", "batch_norm_bwd_reduce", "batch_norm_bwd_dx"}
+
 
 # ==== Fused variants (issue 8) ===========================================================================
 
