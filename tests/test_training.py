@@ -28,7 +28,8 @@ def _load_example():
 gpt = _load_example()
 
 # A float32 loss near 3 has an ulp of 2.4e-7; twenty steps of AdamW through different (equally accurate)
-# norm kernels stay within a few ulps (measured: <= 5e-7). A wrong eps, affine or gradient shows up as 1e-3 or more at step 0-1.
+# norm kernels stay within a few ulps (measured: <= 5e-7). A wrong eps, affine or gradient shows up as 1e-3
+# or more at step 0 or 1.
 LOSS_ATOL = 4e-6
 
 
