@@ -22,6 +22,8 @@ is re-read by the backward; the statistics are written once and read once).
 | instance_norm    | 2E + 2P     | 2E + 2P + 2S     | 3E + 2S + 3P                   |
 | batch_norm_train | 2E + 6P     | 2E + 6P + 2S     | 3E + 2S + 3P (running stats read + written = 4P) |
 | batch_norm_eval  | 2E + 4P     | 2E + 4P          | 3E + 5P (X re-read for dW; running mean/var read) |
+| layer_norm_2d    | 2E + 2P     | 2E + 2P + 2S     | 3E + 2S + 3P (statistics per (n, position)) |
+| adaptive_layer_norm | 2E + 2P  | 2E + 2P + 2S     | 3E + 2S + 3P (P = one (B, D) scale or shift) |
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ _TABLE: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, i
     "instance_norm": ((2, 2, 0), (2, 2, 2), (3, 3, 2)),
     "batch_norm_train": ((2, 6, 0), (2, 6, 2), (3, 3, 2)),
     "batch_norm_eval": ((2, 4, 0), (2, 4, 0), (3, 5, 0)),
+    "layer_norm_2d": ((2, 2, 0), (2, 2, 2), (3, 3, 2)),
+    "adaptive_layer_norm": ((2, 2, 0), (2, 2, 2), (3, 3, 2)),
 }
 
 
@@ -55,6 +59,10 @@ def units(case: Case) -> tuple[int, int, int]:
     act, param = DTYPES[case.dtype]
     stat_elt = 8 if act == torch.float64 else 4
     e = case.numel * _elt(act)
+    if case.op == "adaptive_layer_norm":  # the per-sample (B, D) conditioning vectors play the parameters' part
+        return e, case.shape[0] * case.shape[-1] * _elt(act), (case.numel // case.shape[-1]) * stat_elt
+    if case.op == "layer_norm_2d":
+        return e, case.shape[1] * _elt(param), (case.numel // case.shape[1]) * stat_elt
     if case.spec.kind == "rows":
         features, stats = case.shape[-1], case.numel // case.shape[-1]
     else:

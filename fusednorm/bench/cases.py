@@ -6,8 +6,9 @@ and how to call the op through a *functional namespace*: ``fusednorm.functional`
 ``TorchOps`` below, or a peer's adapter (``providers.py``). Because all namespaces share the
 ``torch.nn.functional`` signatures, one ``call`` per op serves every provider.
 
-Shapes: row norms (layer_norm, rms_norm and their fused variants) take ``(tokens, hidden)`` and normalize the
-last dim; map norms (group_norm, instance_norm, batch_norm) take ``(N, C, *spatial)``.
+Shapes: row norms (layer_norm, rms_norm and the residual-add variants) take ``(tokens, hidden)`` and normalize
+the last dim; adaptive_layer_norm takes ``(batch, length, hidden)``; map norms (group_norm, instance_norm,
+batch_norm, layer_norm_2d) take ``(N, C, *spatial)``.
 """
 
 from __future__ import annotations
@@ -180,6 +181,32 @@ class TorchOps:
         return TorchOps._add_norm(x, residual, weight, None, eps, dropout_p, prenorm, residual_in_fp32, True)
 
     @staticmethod
+    def layer_norm_2d(
+        input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6
+    ) -> Tensor:
+        # channels-first LayerNorm (ConvNeXt): normalize over C at every position, via a channels-last view
+        c = input.shape[1]
+        perm = (0, *range(2, input.dim()), 1)
+        inv = (0, input.dim() - 1, *range(1, input.dim() - 1))
+        return F.layer_norm(input.permute(perm), (c,), weight, bias, eps).permute(inv)
+
+    @staticmethod
+    def adaptive_layer_norm(
+        x: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+        eps: float = 1e-6,
+        rms: bool = False,
+    ) -> Tensor:
+        d = (x.shape[-1],)
+        y = F.rms_norm(x, d, weight, eps) if rms else F.layer_norm(x, d, weight, None, eps)
+        if rms and bias is not None:
+            y = y + bias
+        return y * (1 + scale[:, None, :]) + shift[:, None, :]
+
+    @staticmethod
     def _add_norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, is_rms):
         # the unfused torch program: h = dropout(x) + residual in the residual's dtype, then the norm of h
         # in x's dtype (what fusednorm.functional.add_layer_norm / add_rms_norm fuse)
@@ -205,7 +232,8 @@ Inputs = dict[str, Any]
 class OpSpec:
     """How one op is built and called.
 
-    kind: ``rows`` (shape (M, N)) or ``maps`` (shape (N, C, *spatial)). fn: the function name looked up in a
+    kind: ``rows`` (shape (M, N)), ``seq`` (shape (B, L, D), normalized over D) or ``maps`` (shape
+    (N, C, *spatial)). fn: the function name looked up in a
     provider's namespace. tensors: input tensor names, of which ``params`` have the parameter dtype and
     ``state`` are buffers the op mutates (BatchNorm running stats, compared after the correctness run).
     grads: the tensors gradients are taken for in backward modes. call(ns, inputs) runs the op.
@@ -220,11 +248,13 @@ class OpSpec:
     grads: tuple[str, ...]
     call: Callable[[Any, Inputs], Any]
     description: str
-    channels_last_ok: bool = True
+    cond: tuple[str, ...] = ()  # per-sample conditioning vectors (B, D) in the activation dtype (AdaLN)
 
     def validate(self, case: Case) -> None:
         if self.kind == "rows" and len(case.shape) != 2:
             raise ValueError(f"{self.name} takes a (tokens, hidden) shape, got {shape_str(case.shape)}")
+        if self.kind == "seq" and len(case.shape) != 3:
+            raise ValueError(f"{self.name} takes a (batch, length, hidden) shape, got {shape_str(case.shape)}")
         if self.kind == "maps":
             if len(case.shape) < 3:
                 raise ValueError(f"{self.name} takes an (N, C, *spatial) shape, got {shape_str(case.shape)}")
@@ -234,7 +264,7 @@ class OpSpec:
                 raise ValueError(
                     f"{self.name}: {case.shape[1]} channels are not divisible by {case.groups} groups"
                 )
-        if self.kind == "rows" and case.layout != "contiguous":
+        if self.kind != "maps" and case.layout != "contiguous":
             raise ValueError(f"{self.name}: layout {case.layout} applies only to (N, C, *spatial) maps")
 
     def build(self, case: Case, device: torch.device | str, seed: int = 0, requires_grad: bool = False) -> Inputs:
@@ -251,12 +281,14 @@ class OpSpec:
             return (t * scale + shift).to(dtype)
 
         x_shape = case.shape
-        feat = (case.shape[-1],) if self.kind == "rows" else (case.shape[1],)
+        feat = (case.shape[1],) if self.kind == "maps" else (case.shape[-1],)
         fmt = _memory_format(case)
         out: Inputs = {"case": case}
         for name in self.activations:
             # a small offset keeps the mean away from zero so centring errors would show
             out[name] = rand(x_shape, act_dtype, 1.0, 0.5 if name == "x" else 0.0).contiguous(memory_format=fmt)
+        for name in self.cond:
+            out[name] = rand((case.shape[0], case.shape[-1]), act_dtype, 0.2, 0.0)
         for name in self.params:
             if name == "weight":
                 out[name] = rand(feat, param_dtype, 0.2, 1.0)
@@ -399,6 +431,22 @@ _register(
             momentum=0.1, eps=1e-5,
         ),
         "BatchNorm in eval (running statistics)",
+    )
+)
+
+_register(
+    OpSpec(
+        "layer_norm_2d", "maps", "layer_norm_2d", ("x",), ("weight", "bias"), (), ("x", "weight", "bias"),
+        lambda ns, t: ns.layer_norm_2d(t["x"], t["weight"], t["bias"], 1e-6),
+        "channels-first LayerNorm over C at every position (ConvNeXt)",
+    )
+)
+_register(
+    OpSpec(
+        "adaptive_layer_norm", "seq", "adaptive_layer_norm", ("x",), (), (), ("x", "scale", "shift"),
+        lambda ns, t: ns.adaptive_layer_norm(t["x"], t["scale"], t["shift"], None, None, 1e-6),
+        "DiT AdaLN: LayerNorm(x) * (1 + scale) + shift, scale/shift (B, D) per sample, no affine",
+        cond=("scale", "shift"),
     )
 )
 

@@ -6,8 +6,9 @@
   BatchNorm on ResNet/UNet feature maps, InstanceNorm; forward and forward+backward; fp32 and bf16.
 - ``llm``: transformer norms on GPU: tokens 1K-32K x hidden 1K-16K and very wide rows up to 256K; bf16 and
   the AMP mix; forward, backward, forward+backward; residual-add variants.
-- ``diffusion``: UNet GroupNorm (+SiLU) maps at batch 1-8, NCHW and channels_last.
-- ``resnet``: BatchNorm (train and eval) and GroupNorm on ResNet-50 feature maps, NCHW and channels_last.
+- ``diffusion``: UNet GroupNorm (+SiLU) maps at batch 1-8, NCHW and channels_last; DiT adaptive LayerNorm.
+- ``resnet``: BatchNorm (train and eval) and GroupNorm on ResNet-50 feature maps, NCHW and channels_last; the
+  channels-first LayerNorm on ConvNeXt maps.
 - ``tiny``: every op and mode at toy sizes (tests, smoke runs).
 """
 
@@ -54,6 +55,8 @@ def default_cpu() -> list[Case]:
     cases += grid(("batch_norm_train",), [(32, 64, 56, 56)], ("fp32",), ("forward",), ("channels_last",))
     cases += grid(("batch_norm_eval",), [(32, 64, 56, 56)], ("fp32",), ("inference",))
     cases += grid(("instance_norm",), [(8, 64, 64, 64)], ("fp32",), ("forward",))
+    cases += grid(("layer_norm_2d",), [(8, 96, 56, 56)], ("fp32",), ("forward",))
+    cases += grid(("adaptive_layer_norm",), [(4, 1024, 1152)], ("fp32",), ("forward",))
     return cases
 
 
@@ -73,6 +76,9 @@ def cpu() -> list[Case]:
     cases += grid(("batch_norm_eval",), bn, ("fp32", "bf16"), ("inference",), ("contiguous", "channels_last"))
     cases += grid(("instance_norm",), [(8, 64, 64, 64), (4, 128, 32, 32)], ("fp32", "bf16"),
                   ("forward", "forward+backward"))
+    cases += grid(("layer_norm_2d",), [(8, 96, 56, 56), (8, 384, 14, 14)], ("fp32", "bf16"),
+                  ("forward", "forward+backward"), ("contiguous", "channels_last"))
+    cases += grid(("adaptive_layer_norm",), [(4, 1024, 1152)], ("fp32", "bf16"), ("forward", "forward+backward"))
     return cases
 
 
@@ -91,6 +97,9 @@ def default_gpu() -> list[Case]:
                   ("contiguous", "channels_last"))
     cases += grid(("batch_norm_eval",), [(32, 256, 56, 56)], ("bf16",), ("inference",))
     cases += grid(("instance_norm",), [(8, 256, 64, 64)], ("bf16",), ("forward", "forward+backward"))
+    cases += grid(("adaptive_layer_norm",), [(8, 4096, 1152)], ("bf16",), ("forward", "forward+backward"))
+    cases += grid(("layer_norm_2d",), [(32, 96, 56, 56)], ("bf16",), ("forward", "forward+backward"),
+                  ("contiguous", "channels_last"))
     return cases
 
 
@@ -114,6 +123,9 @@ def diffusion() -> list[Case]:
                  ("contiguous", "channels_last"))
     cases += grid(("group_norm",), [(2, 320, 64, 64), (2, 1280, 16, 16)], ("bf16", "fp16", "fp32", "mixed"),
                   ("forward", "forward+backward"), ("contiguous", "channels_last"))
+    # DiT blocks: adaptive LayerNorm over (batch, tokens, hidden)
+    dit = [(8, 1024, 1152), (2, 4096, 1152), (4, 4096, 3072)]
+    cases += grid(("adaptive_layer_norm",), dit, ("bf16",), ("forward", "forward+backward"))
     return cases
 
 
@@ -124,6 +136,9 @@ def resnet() -> list[Case]:
     cases = grid(("batch_norm_train",), maps, ("bf16", "fp32"), ("forward", "forward+backward"), layouts)
     cases += grid(("batch_norm_eval",), maps, ("bf16", "fp32"), ("inference",), layouts)
     cases += grid(("group_norm",), maps, ("bf16",), ("forward", "forward+backward"), layouts)
+    # ConvNeXt: channels-first LayerNorm on its stage maps
+    convnext = [(32, 96, 56, 56), (32, 192, 28, 28), (32, 384, 14, 14), (32, 768, 7, 7)]
+    cases += grid(("layer_norm_2d",), convnext, ("bf16",), ("forward", "forward+backward"), layouts)
     return cases
 
 
@@ -137,6 +152,8 @@ def tiny() -> list[Case]:
     cases += grid(("instance_norm",), [(2, 4, 6, 6)], ("fp32",), modes)
     cases += grid(("batch_norm_train", "batch_norm_eval"), [(4, 6, 5, 5)], ("fp32",), modes,
                   ("contiguous", "channels_last"))
+    cases += grid(("layer_norm_2d",), [(2, 6, 4, 5)], ("fp32",), modes, ("contiguous", "channels_last"))
+    cases += grid(("adaptive_layer_norm",), [(2, 7, 48)], ("fp32",), modes)
     return cases
 
 

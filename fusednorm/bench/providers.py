@@ -105,6 +105,11 @@ class TorchCompile(Provider):
         # Dynamo keeps compiled variants per code object and falls back to eager past its recompile limit;
         # every case compiles the same lambda, so start each case from a clean cache (on-disk caches stay).
         torch._dynamo.reset()
+        # The backward-only mode replays one graph's backward (retain_graph=True), which compiled graphs allow
+        # only without donated buffers; the other modes keep inductor's default.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = case.mode != "backward"
         call = case.spec.call
         return torch.compile(lambda t: call(TorchOps, t), dynamic=False)
 

@@ -199,10 +199,10 @@ def _is_unsupported(exc: BaseException) -> bool:
 # ---- one case ------------------------------------------------------------------------------------------
 
 
-def run_case(case: Case, providers: Sequence[Provider], cfg: RunConfig) -> list[Result]:
-    """Check and time ``case`` for every provider; one Result per provider, in ``providers`` order."""
-    results: dict[str, Result] = {}
-    nbytes = bytes_model.bytes_moved(case)
+def _prepare(
+    case: Case, providers: Sequence[Provider], cfg: RunConfig, results: dict[str, Result], nbytes: int
+) -> tuple[list[Provider], dict[str, Call]]:
+    """Skip what cannot run; build each remaining provider's call (torch.compile compiles here)."""
     active: list[Provider] = []
     for p in providers:
         reason = p.unavailable(cfg.device) or p.unsupported(case)
@@ -210,7 +210,6 @@ def run_case(case: Case, providers: Sequence[Provider], cfg: RunConfig) -> list[
             results[p.name] = Result(case, p.name, p.label, SKIPPED, reason, bytes=nbytes)
         else:
             active.append(p)
-
     calls: dict[str, Call] = {}
     for p in active:
         try:
@@ -218,7 +217,39 @@ def run_case(case: Case, providers: Sequence[Provider], cfg: RunConfig) -> list[
                 calls[p.name] = p.make_call(case)
         except Exception as exc:  # noqa: BLE001 - reported per provider
             results[p.name] = Result(case, p.name, p.label, ERROR, _short(exc), bytes=nbytes)
-    active = [p for p in active if p.name in calls]
+    return [p for p in active if p.name in calls], calls
+
+
+def check_case(case: Case, providers: Sequence[Provider], cfg: RunConfig) -> tuple[dict[str, Result], dict[str, Call]]:
+    """Correctness only (step 2 of the module doc): a Result per provider with status ok, FAILED, error or
+    skipped (never timed), and the built call of each provider that passed."""
+    results: dict[str, Result] = {}
+    nbytes = bytes_model.bytes_moved(case)
+    active, calls = _prepare(case, providers, cfg, results, nbytes)
+    checks: dict[str, tuple[float, float, tuple[int, ...]]] = {}
+    survivors = _check(case, active, calls, cfg, results, checks, nbytes) if active else []
+    for p in survivors:
+        results[p.name] = Result(case, p.name, p.label, OK, bytes=nbytes)
+    for name, (err, tol, shape) in checks.items():
+        results[name].check_err, results[name].check_tol, results[name].check_shape = err, tol, shape
+    return results, {p.name: calls[p.name] for p in survivors}
+
+
+def input_sets(case: Case, cfg: RunConfig) -> list[Inputs]:
+    """The timing inputs: one set, or several copies to rotate through when one set fits in the cache."""
+    spec = case.spec
+    grad = case.mode != "inference"
+    first = spec.build(case, cfg.device, seed=cfg.seed + 1, requires_grad=grad)
+    set_bytes = sum(_nbytes(v) for k, v in first.items() if k != "case")
+    k = rotation_count(set_bytes, cache_bytes(cfg.device), budget_bytes=cfg.rotate_budget_bytes)
+    return [first] + [spec.build(case, cfg.device, seed=cfg.seed + 1 + i, requires_grad=grad) for i in range(1, k)]
+
+
+def run_case(case: Case, providers: Sequence[Provider], cfg: RunConfig) -> list[Result]:
+    """Check and time ``case`` for every provider; one Result per provider, in ``providers`` order."""
+    results: dict[str, Result] = {}
+    nbytes = bytes_model.bytes_moved(case)
+    active, calls = _prepare(case, providers, cfg, results, nbytes)
 
     checks: dict[str, tuple[float, float, tuple[int, ...]]] = {}
     if cfg.check and active:
@@ -287,20 +318,15 @@ def _time(
     case: Case, active: list[Provider], calls: dict[str, Call], cfg: RunConfig, results: dict[str, Result],
     nbytes: int,
 ) -> None:
-    spec = case.spec
-    grad = case.mode != "inference"
-    first = spec.build(case, cfg.device, seed=cfg.seed + 1, requires_grad=grad)
-    set_bytes = sum(_nbytes(v) for k, v in first.items() if k != "case")
-    k = rotation_count(set_bytes, cache_bytes(cfg.device), budget_bytes=cfg.rotate_budget_bytes)
-    sets = [first] + [spec.build(case, cfg.device, seed=cfg.seed + 1 + i, requires_grad=grad) for i in range(1, k)]
-
+    sets = input_sets(case, cfg)
+    k = len(sets)
     fns: dict[str, list[Callable[[], Any]]] = {}
     reps: dict[str, int] = {}
     samples: dict[str, list[float]] = {}
     for p in active:
         try:
             with p.context():
-                fns[p.name] = [mode_fn(case, calls[p.name], t) for t in sets]
+                fns[p.name] = [mode_fn(case, calls[p.name], _own_state(case, t)) for t in sets]
                 est = cfg.timer.warmup(fns[p.name])
             reps[p.name] = cfg.timer.reps_for(est)
             samples[p.name] = []
@@ -330,7 +356,15 @@ def _time(
             with p.context():
                 res.peak_mem = peak_extra_memory(fns[p.name][0], cfg.device)
         results[p.name] = res
-    del fns, sets, first
+    del fns, sets
+
+
+def _own_state(case: Case, t: Inputs) -> Inputs:
+    """``t`` with private copies of the buffers the op mutates (BatchNorm running stats): the activations are
+    shared by every provider, but one provider's in-place update must not invalidate another's saved graph."""
+    if not case.spec.state:
+        return t
+    return {**t, **{name: t[name].clone() for name in case.spec.state}}
 
 
 def _nbytes(v: Any) -> int:
