@@ -25,9 +25,11 @@ from torch import Tensor
 
 from fusednorm.backends.triton.welford import row_stats, welford_merge
 
-# Largest row kept entirely in registers (elements). Above it the chunked path runs.
+# Largest row kept entirely in registers (elements). Above it the chunked path runs. Backward keeps five
+# row-sized arrays live (x, dy, w, dW and dB partials), so its limit is half the forward's: 16 warps x 32
+# threads at 16K fp32 elements would need > 128 registers per thread and spill.
 MAX_SINGLE_TILE = 16384
-MAX_SINGLE_TILE_FP64 = 8192
+MAX_SINGLE_TILE_BWD = 8192
 # Chunk width of the chunked path.
 CHUNK_N = 4096
 # A tile holds at least this many elements: small rows are packed several per program.
@@ -211,17 +213,22 @@ def row_norm_bwd_kernel(
 # ---- launch configuration ------------------------------------------------------------------------------
 
 
-def row_norm_config(n: int, dtype: torch.dtype) -> dict[str, int | bool]:
-    """Kernel meta-parameters for rows of ``n`` elements of ``dtype``: a function of (n, dtype) only.
+def row_norm_config(n: int, dtype: torch.dtype, backward: bool = False) -> dict[str, int | bool]:
+    """Kernel meta-parameters for rows of ``n`` elements of ``dtype``: a function of (n, dtype, direction) only.
 
-    Returns BLOCK_N, ROWS_PER_PROGRAM, SINGLE_TILE and num_warps.
+    Returns BLOCK_N, ROWS_PER_PROGRAM, SINGLE_TILE and num_warps. fp64 values take two registers each, so
+    fp64 rows get half the register-resident width.
     """
-    limit = MAX_SINGLE_TILE_FP64 if dtype == torch.float64 else MAX_SINGLE_TILE
+    limit = MAX_SINGLE_TILE_BWD if backward else MAX_SINGLE_TILE
+    if dtype == torch.float64:
+        limit //= 2
     single = n <= limit
     block_n = triton.next_power_of_2(n) if single else CHUNK_N
-    rows_per_program = max(1, MIN_TILE_ELEMENTS // block_n) if single else 1
+    min_tile = MIN_TILE_ELEMENTS // 4 if dtype == torch.float64 else MIN_TILE_ELEMENTS
+    rows_per_program = max(1, min_tile // block_n) if single else 1
     tile = block_n * rows_per_program
-    num_warps = min(16, max(1, tile // 256))
+    # Backward holds about twice the live values per element (x, dy, xhat, dW/dB sums): spread it thinner.
+    num_warps = min(16, max(1, tile // (128 if backward else 256)))
     return {
         "BLOCK_N": block_n,
         "ROWS_PER_PROGRAM": rows_per_program,
@@ -230,7 +237,7 @@ def row_norm_config(n: int, dtype: torch.dtype) -> dict[str, int | bool]:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -286,7 +293,7 @@ def layer_norm_bwd(
     """See ``fusednorm.backends.reference.layer_norm_bwd``: dy, x (M, N) with contiguous last dims."""
     m, n = x.shape
     acc = rstd.dtype
-    cfg = row_norm_config(n, x.dtype)
+    cfg = row_norm_config(n, x.dtype, backward=True)
     row_blocks = triton.cdiv(m, cfg["ROWS_PER_PROGRAM"])
     per_sm = 1 if not cfg["SINGLE_TILE"] else (4 if cfg["BLOCK_N"] * cfg["ROWS_PER_PROGRAM"] <= 4096 else 2)
     programs = persistent_programs(x, row_blocks, per_sm)
@@ -304,3 +311,43 @@ def layer_norm_bwd(
     dw = dw_partial.sum(dim=0).to(weight.dtype) if weight is not None else None
     db = db_partial.sum(dim=0).to(bias.dtype) if bias is not None else None
     return dx, dw, db
+
+
+# ---- offline compilation (fusednorm-bench --kernels, tests/test_codegen.py) -----------------------------------
+
+
+def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
+    """Every (kernel, constexpr config, num_warps) ``row_norm_config`` can pick, with worst-case dtypes.
+
+    Rows of each power-of-two width up to the single-tile limit plus the chunked path, for fp32, bf16 input with
+    fp32 parameters, and fp64, with every flag on (weight and bias; the RMS variant separately). Returns tuples
+    (name, jit function, signature, constexprs, num_warps) for ``triton.compiler.ASTSource``.
+    """
+    widths = [1 << k for k in range(MAX_SINGLE_TILE.bit_length())] + [MAX_SINGLE_TILE + 1]
+    configs = []
+    for x_ty, p_ty, dtype in (("fp32", "fp32", torch.float32), ("bf16", "fp32", torch.bfloat16),
+                              ("fp64", "fp64", torch.float64)):
+        acc = "fp64" if x_ty == "fp64" else "fp32"
+        fwd_sig = {"X": f"*{x_ty}", "Y": f"*{x_ty}", "W": f"*{p_ty}", "B": f"*{p_ty}",
+                   "Mean": f"*{acc}", "Rstd": f"*{acc}", "stride_x_row": "i32", "stride_y_row": "i32",
+                   "M": "i32", "N": "i32", "eps": "fp32"}
+        bwd_sig = {"DY": f"*{x_ty}", "X": f"*{x_ty}", "W": f"*{p_ty}", "Mean": f"*{acc}",
+                   "Rstd": f"*{acc}", "DX": f"*{x_ty}", "DW_partial": f"*{acc}", "DB_partial": f"*{acc}",
+                   "stride_dy_row": "i32", "stride_x_row": "i32", "stride_dx_row": "i32", "M": "i32", "N": "i32"}
+        for name, fn, sig, backward in (("row_norm_fwd", row_norm_fwd_kernel, fwd_sig, False),
+                                        ("row_norm_bwd", row_norm_bwd_kernel, bwd_sig, True)):
+            seen = set()
+            for n in widths:
+                cfg = row_norm_config(n, dtype, backward=backward)
+                key = tuple(cfg.items())
+                if key in seen:
+                    continue
+                seen.add(key)
+                meta = {k: v for k, v in cfg.items() if k != "num_warps"}
+                for is_rms in (False, True):
+                    consts = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": not is_rms, **meta}
+                    tag = (f"{'rms' if is_rms else 'ln'}[{x_ty}/{p_ty}] BLOCK_N={meta['BLOCK_N']} "
+                           f"R={meta['ROWS_PER_PROGRAM']} {'single' if meta['SINGLE_TILE'] else 'chunked'}")
+                    configs.append((f"{name} {tag}", fn, {**sig, **dict.fromkeys(consts, "constexpr")},
+                                    consts, cfg["num_warps"]))
+    return configs
