@@ -86,6 +86,8 @@ def bn_reduce_kernel(
     pid_k = tl.program_id(1)
     r_idx = tl.arange(0, BLOCK_R)
     c_idx = tl.arange(0, BLOCK_COL)
+    # int64 bounds make the loop index int64 (tile * BLOCK_R may pass 2^31)
+    t_begin = pid_k.to(tl.int64) * tiles_per_program
     if CHANNELS_LAST:
         cols = pid_c * BLOCK_COL + c_idx  # channels
         col_mask = cols < C
@@ -99,6 +101,11 @@ def bn_reduce_kernel(
             count = tl.zeros([BLOCK_COL], dtype=acc_ty)
             mean_run = tl.zeros([BLOCK_COL], dtype=acc_ty)
             m2_run = tl.zeros([BLOCK_COL], dtype=acc_ty)
+            # Shift: the program's first value of each channel. Tile sums of (x - shift) stay of the order of
+            # the spread, so an offset |mean| >> std costs no digits in the accumulation.
+            n0 = (t_begin * BLOCK_R) // S
+            s0 = t_begin * BLOCK_R - n0 * S
+            shift = tl.load(X + n0 * stride_xn + s0 * stride_xj + cols, mask=col_mask, other=0.0).to(acc_ty)
     else:
         c64 = pid_c.to(tl.int64)
         tiles_s = tl.cdiv(S, BLOCK_COL)
@@ -113,8 +120,9 @@ def bn_reduce_kernel(
             count = zero
             mean_run = zero
             m2_run = zero
-    # int64 bounds make the loop index int64 (tile * BLOCK_R may pass 2^31)
-    t_begin = pid_k.to(tl.int64) * tiles_per_program
+            n0 = (t_begin // tiles_s) * BLOCK_R
+            s0 = (t_begin - (t_begin // tiles_s) * tiles_s) * BLOCK_COL
+            shift = tl.load(X + c64 * stride_xj + n0 * stride_xn + s0).to(acc_ty)  # as above
     t_end = tl.minimum(t_begin + tiles_per_program, total_tiles)
     for t in range(t_begin, t_end):
         if CHANNELS_LAST:
@@ -144,16 +152,20 @@ def bn_reduce_kernel(
         else:
             if CHANNELS_LAST:
                 # exact two-step statistics of each channel column of this tile, then Chan merge
-                t_mean = tl.sum(x, axis=0) / valid_rows
-                d = tl.where(mask, x - t_mean[None, :], 0.0)
+                xs = tl.where(mask, x - shift[None, :], 0.0)
+                t_mean = tl.sum(xs, axis=0) / valid_rows
+                d = tl.where(mask, xs - t_mean[None, :], 0.0)
                 t_m2 = tl.sum(d * d, axis=0)
+                t_mean += shift
                 count, mean_run, m2_run = welford_merge(count, mean_run, m2_run, valid_rows, t_mean, t_m2)
             else:
                 t_count = (tl.minimum(N - tile_r * BLOCK_R, BLOCK_R)
                            * tl.minimum(S - tile_s * BLOCK_COL, BLOCK_COL)).to(acc_ty)
-                t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / t_count
-                d = tl.where(mask, x - t_mean, 0.0)
+                xs = tl.where(mask, x - shift, 0.0)
+                t_mean = tl.sum(tl.sum(xs, axis=1), axis=0) / t_count
+                d = tl.where(mask, xs - t_mean, 0.0)
                 t_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+                t_mean += shift
                 count, mean_run, m2_run = welford_merge(count, mean_run, m2_run, t_count, t_mean, t_m2)
     out_row = pid_k.to(tl.int64) * C
     if CHANNELS_LAST:
@@ -187,6 +199,8 @@ def bn_merge_kernel(
     a = tl.zeros([BLOCK_C], dtype=acc_ty)
     b = tl.zeros([BLOCK_C], dtype=acc_ty)
     count = tl.zeros([BLOCK_C], dtype=acc_ty)
+    if not IS_BWD:
+        shift = tl.load(P1 + cols, mask=col_mask, other=0.0)  # first partial's mean: see bn_reduce_kernel
     for k0 in range(0, num_splits, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         mask = (ks < num_splits)[:, None] & col_mask[None, :]
@@ -201,8 +215,10 @@ def bn_merge_kernel(
             # BLOCK_K partials at once: M2 = sum(M2_k) + sum(n_k * (mean_k - mean)^2), the exact parallel
             # form of Chan's merge (no E[x^2] - E[x]^2), then merged into the running result
             k_count = tl.sum(p0, axis=0)
-            k_mean = tl.sum(p0 * p1, axis=0) / tl.maximum(k_count, 1.0)
-            dev = tl.where(mask, p1 - k_mean[None, :], 0.0)
+            ps = tl.where(mask, p1 - shift[None, :], 0.0)
+            k_mean_s = tl.sum(p0 * ps, axis=0) / tl.maximum(k_count, 1.0)
+            k_mean = k_mean_s + shift
+            dev = tl.where(mask, ps - k_mean_s[None, :], 0.0)
             k_m2 = tl.sum(p2, axis=0) + tl.sum(p0 * dev * dev, axis=0)
             count, a, b = welford_merge(count, a, b, k_count, k_mean, k_m2)
     tl.store(Out0 + cols, a, mask=col_mask)
