@@ -1,36 +1,110 @@
 """Build script: the Python package plus the optional native extension ``fusednorm._C``.
 
-The extension is compiled from ``csrc/`` with ``torch.utils.cpp_extension``: the CPU kernels always,
-the CUDA kernels when torch was built with CUDA and nvcc is found. ``FUSEDNORM_NO_EXTENSION=1`` skips
-the native build entirely (fusednorm then runs on Triton and the reference backend). Because the
-extension compiles against the installed torch, install with ``pip install --no-build-isolation .``.
+The extension is compiled from ``csrc/`` with ``torch.utils.cpp_extension`` (ninja, ``MAX_JOBS`` parallel
+jobs): the CPU kernels always (plus an AVX2 copy on x86-64 with GCC, chosen at run time), the CUDA kernels
+when torch was built with CUDA (``torch.version.cuda``) and nvcc is found (``CUDA_HOME``), for the
+architectures in ``TORCH_CUDA_ARCH_LIST``. Environment switches:
+
+- ``FUSEDNORM_NO_EXTENSION=1``: skip the native build entirely (fusednorm then runs on Triton and the
+  reference backend, and ``fusednorm.available_backends()["native"]`` says why).
+- ``FUSEDNORM_NO_CUDA=1``: build only the CPU kernels even when CUDA is available.
+- ``FUSEDNORM_NO_AVX2=1``: do not build the AVX2 copy of the CPU kernels.
+- ``FUSEDNORM_DEBUG=1``: ``-O0 -g`` instead of ``-O3``.
+
+Because the extension compiles against the installed torch, install with
+``pip install --no-build-isolation .`` (or ``-e .``).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import platform
+import sys
 
 from setuptools import setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _log(msg: str) -> None:
+    print(f"fusednorm setup: {msg}", file=sys.stderr)
+
+
+def _rel(paths: list[str]) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in paths)
+
 
 def _native_extension():
-    if os.environ.get("FUSEDNORM_NO_EXTENSION", "0") == "1":
-        return [], {}
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    if not sources:
+    if _flag("FUSEDNORM_NO_EXTENSION"):
+        _log("FUSEDNORM_NO_EXTENSION=1: skipping the native extension")
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:  # torch not importable in this build environment
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as exc:  # torch not importable in this build environment (e.g. build isolation)
+        _log(f"torch is not importable ({exc}); skipping the native extension (use --no-build-isolation)")
         return [], {}
-    ext = CppExtension(
-        "fusednorm._C",
-        sources,
-        include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+
+    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    if not sources:
+        return [], {}
+    debug = _flag("FUSEDNORM_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: Python's default flags add -g, which doubles compile time and .so size for no use here.
+    cxx = [*opt, "-fvisibility=hidden"] + ([] if debug else ["-g0"])
+    macros: list[tuple[str, str | None]] = []
+
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
+    compiler = os.environ.get("CXX", "c++")
+    gcc_like = "clang" not in os.path.basename(compiler)
+    if is_x86 and gcc_like and not _flag("FUSEDNORM_NO_AVX2"):
+        sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "isa", "*_avx2.cpp")))
+        macros.append(("FUSEDNORM_HAVE_AVX2", "1"))
+
+    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    with_cuda = (
+        bool(cuda_sources)
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and not _flag("FUSEDNORM_NO_CUDA")
     )
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    if with_cuda:
+        macros.append(("FUSEDNORM_WITH_CUDA", "1"))
+        _log(
+            f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, nvcc from {cpp_extension.CUDA_HOME}, "
+            f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})"
+        )
+        ext = cpp_extension.CUDAExtension(
+            "fusednorm._C",
+            sources + cuda_sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args={
+                "cxx": cxx,
+                "nvcc": [*opt, "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"],
+            },
+        )
+    else:
+        why = (
+            "no csrc/cuda sources" if not cuda_sources
+            else "FUSEDNORM_NO_CUDA=1" if _flag("FUSEDNORM_NO_CUDA")
+            else "torch has no CUDA" if torch.version.cuda is None
+            else "nvcc not found (set CUDA_HOME)"
+        )
+        _log(f"building CPU kernels only ({why})")
+        ext = cpp_extension.CppExtension(
+            "fusednorm._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx},
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _native_extension()

@@ -1,0 +1,356 @@
+// BatchNorm CPU kernels: per-channel statistics, the normalize/affine apply, and the two backward pieces
+// (per-channel reductions, then the elementwise input gradient), for NCHW and channels-last inputs.
+//
+// Reductions are split into fixed pieces (NCHW: one per (n, c) plane; NHWC: one per (sample, block)
+// task), each producing a partial that is merged in a fixed order: Chan merges for statistics, plain
+// ordered sums for the backward. Results are bit-identical run to run for a fixed thread count.
+#include "cpu/isa_prelude.h"
+// (isa_prelude.h must come first: it selects the instruction set of this translation unit.)
+#include "cpu/nc_utils.h"
+#include "ops.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace FUSEDNORM_ISA {
+
+namespace {
+
+template <typename T>
+void bn_stats_kernel(const at::Tensor& x, Layout layout, at::Tensor& mean, at::Tensor& m2) {
+  using A = acc_type<T>;
+  const NCShape shp = nc_shape(x);
+  const int64_t N = shp.N, C = shp.C, HW = shp.HW;
+  const T* xp = x.data_ptr<T>();
+  A* meanp = mean.data_ptr<A>();
+  A* m2p = m2.data_ptr<A>();
+  if (layout == Layout::kNCHW) {
+    std::vector<A> pm(N * C), pm2(N * C);  // [c][n]
+    const int64_t grain = std::max<int64_t>(1, 4 * kChunk / std::max<int64_t>(HW, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
+      std::vector<A> buf(kChunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = p / C, c = p % C;
+        const auto st = stats_contig(xp + p * HW, HW, buf.data());
+        pm[c * N + n] = st.mean;
+        pm2[c * N + n] = st.m2;
+      }
+    });
+    at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        auto s = welford_empty<A, int64_t>();
+        for (int64_t n = 0; n < N; ++n) s = welford_merge(s, welford_from_chunk<A, int64_t>(HW, pm[c * N + n], pm2[c * N + n]));
+        meanp[c] = s.n > 0 ? s.mean : A(NAN);
+        m2p[c] = s.m2;
+      }
+    });
+  } else {
+    const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
+    const int64_t tasks = N * nblk;
+    std::vector<A> pm(tasks * C), pm2(tasks * C);
+    std::vector<int64_t> pc(tasks);
+    nhwc_channel_stats<T, A>(xp, N, HW, C, nblk, pm.data(), pm2.data(), pc.data());
+    at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        auto s = welford_empty<A, int64_t>();
+        for (int64_t t = 0; t < tasks; ++t) s = welford_merge(s, welford_from_chunk<A, int64_t>(pc[t], pm[t * C + c], pm2[t * C + c]));
+        meanp[c] = s.n > 0 ? s.mean : A(NAN);
+        m2p[c] = s.m2;
+      }
+    });
+  }
+}
+
+template <typename T>
+void bn_apply_kernel(const at::Tensor& x, Layout layout, const at::Tensor& mean, const at::Tensor& rstd,
+                     const at::Tensor& w, const at::Tensor& b, at::Tensor& y) {
+  using A = acc_type<T>;
+  const NCShape shp = nc_shape(x);
+  const int64_t N = shp.N, C = shp.C, HW = shp.HW;
+  // Per-channel coefficients: y = (x - mu) * scale + shift.
+  std::vector<A> mu(C), sc(C), sh(C);
+  const A* meanp = mean.data_ptr<A>();
+  const A* rstdp = rstd.data_ptr<A>();
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    mu[c] = meanp[c];
+    sc[c] = wp ? rstdp[c] * wp[c] : rstdp[c];
+    sh[c] = bp ? bp[c] : A(0);
+  }
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  if (layout == Layout::kNCHW) {
+    nchw_map<T, A>(xp, nullptr, yp, N * C, HW, [&](int64_t p, const A* a, const A*, A* o, int64_t len) {
+      const int64_t c = p % C;
+      affine_span(a, o, len, mu[c], sc[c], sh[c], false);
+    });
+  } else {
+    nhwc_map<T, A>(xp, nullptr, yp, N * HW, C, [&](int64_t, const A* a, const A*, A* o) {
+      affine_row(a, o, C, mu.data(), sc.data(), sh.data(), false);
+    });
+  }
+}
+
+template <typename T>
+void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, const at::Tensor& mean,
+                          const at::Tensor& rstd, at::Tensor& sum_dy, at::Tensor& sum_dy_xhat) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const NCShape shp = nc_shape(x);
+  const int64_t N = shp.N, C = shp.C, HW = shp.HW;
+  const T* xp = x.data_ptr<T>();
+  const T* dyp = dy.data_ptr<T>();
+  const A* meanp = mean.data_ptr<A>();
+  const A* rstdp = rstd.data_ptr<A>();
+  A* s1o = sum_dy.data_ptr<A>();
+  A* s2o = sum_dy_xhat.data_ptr<A>();
+  if (layout == Layout::kNCHW) {
+    std::vector<A> p1(N * C), p2(N * C);  // [c][n]
+    const int64_t grain = std::max<int64_t>(1, 4 * kChunk / std::max<int64_t>(HW, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t q0, int64_t q1) {
+      std::vector<A> bx(kChunk), bdy(kChunk);
+      for (int64_t p = q0; p < q1; ++p) {
+        const int64_t n = p / C, c = p % C;
+        const V vmu(meanp[c]), vrs(rstdp[c]);
+        V a1(A(0)), a2(A(0));
+        for (int64_t off = 0; off < HW; off += kChunk) {
+          const int64_t len = std::min(kChunk, HW - off);
+          const A* ax = acc_view(xp + p * HW + off, bx.data(), len);
+          const A* ady = acc_view(dyp + p * HW + off, bdy.data(), len);
+          for (int64_t j = 0; j < len; j += W) {
+            const int64_t k = std::min<int64_t>(W, len - j);
+            const V d = V::loadu(ady + j, k);  // zero past k: the tail adds nothing
+            a1 = a1 + d;
+            a2 = at::vec::fmadd(d, (V::loadu(ax + j, k) - vmu) * vrs, a2);
+          }
+        }
+        p1[c * N + n] = horizontal_sum(a1);
+        p2[c * N + n] = horizontal_sum(a2);
+      }
+    });
+    at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        A t1 = 0, t2 = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          t1 += p1[c * N + n];
+          t2 += p2[c * N + n];
+        }
+        s1o[c] = t1;
+        s2o[c] = t2;
+      }
+    });
+  } else {
+    const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
+    const int64_t tasks = N * nblk;
+    std::vector<A> p1(tasks * C), p2(tasks * C);
+    nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(),
+                            [&](int64_t, const A* ax, const A* ady, A* s1, A* s2) {
+                              for (int64_t j = 0; j < C; j += W) {
+                                const int64_t k = std::min<int64_t>(W, C - j);
+                                const V d = V::loadu(ady + j, k);
+                                const V xh = (V::loadu(ax + j, k) - V::loadu(meanp + j, k)) * V::loadu(rstdp + j, k);
+                                (V::loadu(s1 + j, k) + d).store(s1 + j, k);
+                                at::vec::fmadd(d, xh, V::loadu(s2 + j, k)).store(s2 + j, k);
+                              }
+                            });
+    for (int64_t c = 0; c < C; ++c) {
+      s1o[c] = 0;
+      s2o[c] = 0;
+    }
+    for (int64_t t = 0; t < tasks; ++t) {
+      for (int64_t c = 0; c < C; ++c) {
+        s1o[c] += p1[t * C + c];
+        s2o[c] += p2[t * C + c];
+      }
+    }
+  }
+}
+
+template <typename T>
+void bn_bwd_dx_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, const at::Tensor& mean,
+                      const at::Tensor& rstd, const at::Tensor& w, const at::Tensor& sum_dy,
+                      const at::Tensor& sum_dy_xhat, int64_t count, bool training, at::Tensor& dx) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const NCShape shp = nc_shape(x);
+  const int64_t N = shp.N, C = shp.C, HW = shp.HW;
+  // dx = (dy - a - (x - mu) * bb) * k  with k = rstd * w, a = sum_dy / count, bb = sum_dy_xhat / count * rstd.
+  std::vector<A> mu(C, A(0)), k(C), a(C, A(0)), bb(C, A(0));
+  const A* rstdp = rstd.data_ptr<A>();
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  for (int64_t c = 0; c < C; ++c) k[c] = wp ? rstdp[c] * wp[c] : rstdp[c];
+  if (training) {
+    const A* meanp = mean.data_ptr<A>();
+    const A* s1 = sum_dy.data_ptr<A>();
+    const A* s2 = sum_dy_xhat.data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      mu[c] = meanp[c];
+      a[c] = s1[c] / A(count);
+      bb[c] = s2[c] / A(count) * rstdp[c];
+    }
+  }
+  const T* xp = x.data_ptr<T>();
+  const T* dyp = dy.data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+  if (layout == Layout::kNCHW) {
+    nchw_map<T, A>(dyp, xp, dxp, N * C, HW, [&](int64_t p, const A* ady, const A* ax, A* o, int64_t len) {
+      const int64_t c = p % C;
+      const V vk(k[c]);
+      if (training) {
+        const V vmu(mu[c]), va(a[c]), vbb(bb[c]);
+        for (int64_t j = 0; j < len; j += W) {
+          const int64_t n = std::min<int64_t>(W, len - j);
+          ((V::loadu(ady + j, n) - va - (V::loadu(ax + j, n) - vmu) * vbb) * vk).store(o + j, n);
+        }
+      } else {
+        for (int64_t j = 0; j < len; j += W) {
+          const int64_t n = std::min<int64_t>(W, len - j);
+          (V::loadu(ady + j, n) * vk).store(o + j, n);
+        }
+      }
+    });
+  } else {
+    nhwc_map<T, A>(dyp, xp, dxp, N * HW, C, [&](int64_t, const A* ady, const A* ax, A* o) {
+      for (int64_t j = 0; j < C; j += W) {
+        const int64_t n = std::min<int64_t>(W, C - j);
+        const V d = V::loadu(ady + j, n);
+        V r = training ? d - V::loadu(a.data() + j, n) -
+                             (V::loadu(ax + j, n) - V::loadu(mu.data() + j, n)) * V::loadu(bb.data() + j, n)
+                       : d;
+        (r * V::loadu(k.data() + j, n)).store(o + j, n);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() >= 2, "fusednorm_C::batch_norm_stats: x must be (N, C, *spatial)");
+  const auto lx = activation_layout(x_in);
+  const Layout layout = lx.first;
+  const at::Tensor& x = lx.second;
+  const auto acc = acc_scalar_type(x.scalar_type());
+  at::Tensor mean = at::empty({x.size(1)}, x.options().dtype(acc));
+  at::Tensor m2 = at::empty({x.size(1)}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_stats", [&] {
+    bn_stats_kernel<scalar_t>(x, layout, mean, m2);
+  });
+  return {mean, m2};
+}
+
+at::Tensor batch_norm_apply(const at::Tensor& x_in, const at::Tensor& mean, const at::Tensor& rstd,
+                            const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() >= 2, "fusednorm_C::batch_norm_apply: x must be (N, C, *spatial)");
+  const auto lx = activation_layout(x_in);
+  const Layout layout = lx.first;
+  const at::Tensor& x = lx.second;
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
+  const at::Tensor mu = mean.to(acc).contiguous(), rs = rstd.to(acc).contiguous();
+  at::Tensor y = at::empty_like(x, memory_format_of(layout, x.dim()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_apply", [&] {
+    bn_apply_kernel<scalar_t>(x, layout, mu, rs, w, b, y);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce(const at::Tensor& dy, const at::Tensor& x_in,
+                                                         const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(x_in.dim() >= 2 && dy.sizes() == x_in.sizes(),
+              "fusednorm_C::batch_norm_bwd_reduce: dy and x must be (N, C, *spatial) of the same shape");
+  const auto lx = activation_layout(x_in);
+  const Layout layout = lx.first;
+  const at::Tensor& x = lx.second;
+  const at::Tensor dyc = in_layout(dy.to(x.scalar_type()), layout);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor mu = mean.to(acc).contiguous(), rs = rstd.to(acc).contiguous();
+  at::Tensor s1 = at::empty({x.size(1)}, x.options().dtype(acc));
+  at::Tensor s2 = at::empty({x.size(1)}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_bwd_reduce", [&] {
+    bn_bwd_reduce_kernel<scalar_t>(dyc, x, layout, mu, rs, s1, s2);
+  });
+  return {s1, s2};
+}
+
+at::Tensor batch_norm_bwd_dx(const at::Tensor& dy, const at::Tensor& x_in, const at::Tensor& mean,
+                             const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                             const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat, int64_t count,
+                             bool training) {
+  TORCH_CHECK(x_in.dim() >= 2 && dy.sizes() == x_in.sizes(),
+              "fusednorm_C::batch_norm_bwd_dx: dy and x must be (N, C, *spatial) of the same shape");
+  const auto lx = activation_layout(x_in);
+  const Layout layout = lx.first;
+  const at::Tensor& x = lx.second;
+  const at::Tensor dyc = in_layout(dy.to(x.scalar_type()), layout);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc);
+  const at::Tensor rs = rstd.to(acc).contiguous();
+  at::Tensor mu, s1, s2;
+  if (training) {
+    mu = mean.to(acc).contiguous();
+    s1 = sum_dy.to(acc).contiguous();
+    s2 = sum_dy_xhat.to(acc).contiguous();
+  }
+  at::Tensor dx = at::empty_like(x, memory_format_of(layout, x.dim()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "batch_norm_bwd_dx", [&] {
+    bn_bwd_dx_kernel<scalar_t>(dyc, x, layout, mu, rs, w, s1, s2, count, training, dx);
+  });
+  return dx;
+}
+
+}  // namespace FUSEDNORM_ISA
+}  // namespace cpu
+}  // namespace fusednorm
+
+#if !defined(FUSEDNORM_ISA_AVX2)
+// ---- registration (baseline copy only) ------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cpu/dispatch.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
+  FUSEDNORM_CPU_CALL(batch_norm_stats, x);
+}
+
+at::Tensor batch_norm_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  FUSEDNORM_CPU_CALL(batch_norm_apply, x, mean, rstd, weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                             const at::Tensor& mean, const at::Tensor& rstd) {
+  FUSEDNORM_CPU_CALL(batch_norm_bwd_reduce, dy, x, mean, rstd);
+}
+
+at::Tensor batch_norm_bwd_dx_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat, int64_t count,
+                                 bool training) {
+  FUSEDNORM_CPU_CALL(batch_norm_bwd_dx, dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, training);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fusednorm
+
+TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
+  m.def(fusednorm::schema::kBatchNormStats);
+  m.def(fusednorm::schema::kBatchNormApply);
+  m.def(fusednorm::schema::kBatchNormBwdReduce);
+  m.def(fusednorm::schema::kBatchNormBwdDx);
+}
+
+TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
+  m.impl("batch_norm_stats", &fusednorm::cpu::batch_norm_stats_cpu);
+  m.impl("batch_norm_apply", &fusednorm::cpu::batch_norm_apply_cpu);
+  m.impl("batch_norm_bwd_reduce", &fusednorm::cpu::batch_norm_bwd_reduce_cpu);
+  m.impl("batch_norm_bwd_dx", &fusednorm::cpu::batch_norm_bwd_dx_cpu);
+}
+#endif

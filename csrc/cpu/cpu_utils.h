@@ -1,0 +1,236 @@
+// Shared helpers for the CPU kernels: dtype plumbing, vectorized reductions over accumulation-type
+// arrays, chunked Welford statistics and deterministic partition helpers.
+//
+// Every kernel computes on arrays of the accumulation type A (float, or double for double inputs).
+// Inputs of another dtype (bf16 / fp16) are converted chunk by chunk into a small per-task buffer that
+// stays in L1, so the math is written once per op, not once per dtype.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "welford.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace FUSEDNORM_ISA {
+
+using at::vec::Vectorized;
+
+// Elements per chunk: a chunk of the input (and its fp32 copy) stays in L1 between the two passes of
+// an exact two-step mean / centred-sum-of-squares, so the data is read from memory once.
+constexpr int64_t kChunk = 2048;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type = typename AccOf<T>::type;
+
+
+// ---- dtype conversion between storage type T and accumulation type A ------------------------------
+
+template <typename T, typename A>
+inline void to_acc(const T* src, A* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    static_assert(std::is_same_v<A, float>, "reduced-precision inputs accumulate in float");
+    using bV = Vectorized<T>;
+    using fV = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + bV::size() <= n; i += bV::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(bV::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + fV::size());
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+template <typename T, typename A>
+inline void from_acc(const A* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (src != dst) std::memcpy(dst, src, sizeof(T) * n);
+  } else {
+    using bV = Vectorized<T>;
+    using fV = Vectorized<float>;
+    int64_t i = 0;
+    for (; i + bV::size() <= n; i += bV::size()) {
+      auto lo = fV::loadu(src + i);
+      auto hi = fV::loadu(src + i + fV::size());
+      at::vec::convert_from_float<T>(lo, hi).store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// A read-only accumulation-type view of src[0:n]: src itself when T == A, else a converted copy in buf.
+template <typename T, typename A>
+inline const A* acc_view(const T* src, A* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    return src;
+  } else {
+    to_acc(src, buf, n);
+    return buf;
+  }
+}
+
+// Where to write acc-type results destined for dst[0:n]: dst itself when T == A, else buf (then from_acc).
+template <typename T, typename A>
+inline A* acc_out(T* dst, A* buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+// ---- vectorized reductions (fixed order: bit-identical for the same input) --------------------------
+
+template <typename A>
+inline A horizontal_sum(const Vectorized<A>& v) {
+  A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A s = 0;
+  for (int64_t k = 0; k < Vectorized<A>::size(); ++k) s += tmp[k];
+  return s;
+}
+
+// sum(p)
+template <typename A>
+inline A vsum(const A* p, int64_t n) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 += V::loadu(p + i);
+    a1 += V::loadu(p + i + W);
+    a2 += V::loadu(p + i + 2 * W);
+    a3 += V::loadu(p + i + 3 * W);
+  }
+  for (; i + W <= n; i += W) a0 += V::loadu(p + i);
+  A s = horizontal_sum((a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// sum((p - c)^2)
+template <typename A>
+inline A vsum_sqdev(const A* p, int64_t n, A c) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const V vc(c);
+  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    V d0 = V::loadu(p + i) - vc, d1 = V::loadu(p + i + W) - vc;
+    V d2 = V::loadu(p + i + 2 * W) - vc, d3 = V::loadu(p + i + 3 * W) - vc;
+    a0 = at::vec::fmadd(d0, d0, a0);
+    a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
+  }
+  for (; i + W <= n; i += W) {
+    V d = V::loadu(p + i) - vc;
+    a0 = at::vec::fmadd(d, d, a0);
+  }
+  A s = horizontal_sum((a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += (p[i] - c) * (p[i] - c);
+  return s;
+}
+
+// Exact two-step statistics of an acc-type array, chunked so each chunk is re-read from L1; chunk
+// partials are merged with Chan's formula.
+template <typename A>
+inline Welford<A, int64_t> stats_acc(const A* p, int64_t n) {
+  Welford<A, int64_t> s = welford_empty<A, int64_t>();
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t len = std::min(kChunk, n - off);
+    const A mean = vsum(p + off, len) / A(len);
+    const A m2 = vsum_sqdev(p + off, len, mean);
+    s = welford_merge(s, welford_from_chunk<A, int64_t>(len, mean, m2));
+  }
+  return s;
+}
+
+// The same for storage-type data, converting chunk by chunk into buf (kChunk elements).
+template <typename T, typename A>
+inline Welford<A, int64_t> stats_contig(const T* p, int64_t n, A* buf) {
+  Welford<A, int64_t> s = welford_empty<A, int64_t>();
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t len = std::min(kChunk, n - off);
+    const A* a = acc_view(p + off, buf, len);
+    const A mean = vsum(a, len) / A(len);
+    const A m2 = vsum_sqdev(a, len, mean);
+    s = welford_merge(s, welford_from_chunk<A, int64_t>(len, mean, m2));
+  }
+  return s;
+}
+
+// sigmoid-weighted linear unit on a vector, v * sigmoid(v).
+template <typename A>
+inline Vectorized<A> vsilu(const Vectorized<A>& v) {
+  const Vectorized<A> one(A(1));
+  return v / (one + v.neg().exp());
+}
+
+template <typename A>
+inline A ssilu(A v) {
+  return v / (A(1) + std::exp(-v));
+}
+
+// d silu(p) / dp = s * (1 + p * (1 - s)) with s = sigmoid(p).
+template <typename A>
+inline Vectorized<A> vsilu_grad(const Vectorized<A>& p) {
+  const Vectorized<A> one(A(1));
+  const Vectorized<A> s = one / (one + p.neg().exp());
+  return s * (one + p * (one - s));
+}
+
+template <typename A>
+inline A ssilu_grad(A p) {
+  const A s = A(1) / (A(1) + std::exp(-p));
+  return s * (A(1) + p * (A(1) - s));
+}
+
+// Row range [begin, end) of block b when `rows` rows are split into `blocks` nearly equal blocks.
+inline std::pair<int64_t, int64_t> block_range(int64_t rows, int64_t blocks, int64_t b) {
+  const int64_t base = rows / blocks, extra = rows % blocks;
+  const int64_t begin = b * base + std::min(b, extra);
+  return {begin, begin + base + (b < extra ? 1 : 0)};
+}
+
+// Number of partial-sum blocks for a reduction over `rows` rows: one per thread (at most one per row),
+// so the result is bit-identical run to run for a fixed thread count, whatever the scheduling.
+inline int64_t num_blocks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+}
+
+// Parameter (C,) or (N,) tensor as a contiguous acc-type tensor, or an undefined tensor.
+inline at::Tensor param_acc(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->to(acc).contiguous();
+}
+
+inline at::ScalarType acc_scalar_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace FUSEDNORM_ISA
+}  // namespace cpu
+}  // namespace fusednorm

@@ -1,0 +1,357 @@
+// GroupNorm CPU kernels (InstanceNorm is GroupNorm with num_groups == C), with an optional fused SiLU,
+// for NCHW and channels-last (4-D and 5-D) inputs.
+//
+// NCHW: a (sample, group) slice is one contiguous span, so each task computes the slice's statistics
+// (exact per chunk, Chan-merged) and normalizes it right away while it is still in L2.
+// NHWC: per-channel Welford partials per (sample, block) task are Chan-merged over the group's channels
+// and the blocks, then a second pass normalizes. The backward recomputes xhat from the saved mean/rstd
+// (no E[xy] - E[x]E[y] cancellation); dW/dB are sums of per-(n, c) partials taken in a fixed order.
+#include "cpu/isa_prelude.h"
+// (isa_prelude.h must come first: it selects the instruction set of this translation unit.)
+#include "cpu/nc_utils.h"
+#include "ops.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace FUSEDNORM_ISA {
+
+namespace {
+
+bool parse_activation(c10::string_view activation) {
+  TORCH_CHECK(activation == "none" || activation == "silu",
+              "fusednorm_C::group_norm: activation must be 'none' or 'silu', got '", std::string(activation), "'");
+  return activation == "silu";
+}
+
+template <typename T>
+void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, const at::Tensor& b, int64_t G,
+                   double eps, bool silu, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  using A = acc_type<T>;
+  const NCShape shp = nc_shape(x);
+  const int64_t N = shp.N, C = shp.C, HW = shp.HW, D = C / G;
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+  A* meanp = mean.data_ptr<A>();
+  A* rstdp = rstd.data_ptr<A>();
+  const int64_t m = D * HW;  // elements per group
+  if (layout == Layout::kNCHW) {
+    at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<A> buf(kChunk);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / G, g = i % G;
+        const int64_t base = (n * C + g * D) * HW;
+        const auto st = stats_contig(xp + base, m, buf.data());
+        const A mu = m > 0 ? st.mean : A(NAN);
+        const A rs = A(1) / std::sqrt(st.m2 / A(m) + A(eps));
+        meanp[i] = mu;
+        rstdp[i] = rs;
+        for (int64_t cc = 0; cc < D; ++cc) {
+          const int64_t c = g * D + cc;
+          const A scale = wp ? rs * wp[c] : rs;
+          const A shift = bp ? bp[c] : A(0);
+          for (int64_t off = 0; off < HW; off += kChunk) {
+            const int64_t len = std::min(kChunk, HW - off);
+            const int64_t pos = base + cc * HW + off;
+            const A* a = acc_view(xp + pos, buf.data(), len);
+            A* o = acc_out(yp + pos, buf.data());
+            affine_span(a, o, len, mu, scale, shift, silu);
+            if constexpr (!std::is_same_v<T, A>) from_acc(o, yp + pos, len);
+          }
+        }
+      }
+    });
+    return;
+  }
+  // NHWC: channel partials per (sample, block), merged over channels of a group and over blocks.
+  const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
+  std::vector<A> pm(N * nblk * C), pm2(N * nblk * C);
+  std::vector<int64_t> pc(N * nblk);
+  nhwc_channel_stats<T, A>(xp, N, HW, C, nblk, pm.data(), pm2.data(), pc.data());
+  std::vector<A> cmu(N * C), csc(N * C), csh(N * C);  // per (n, c) coefficients of the normalize pass
+  at::parallel_for(0, N * G, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / G, g = i % G;
+      auto s = welford_empty<A, int64_t>();
+      for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t t = n * nblk + blk;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          s = welford_merge(s, welford_from_chunk<A, int64_t>(pc[t], pm[t * C + c], pm2[t * C + c]));
+        }
+      }
+      const A mu = m > 0 ? s.mean : A(NAN);
+      const A rs = A(1) / std::sqrt(s.m2 / A(m) + A(eps));
+      meanp[i] = mu;
+      rstdp[i] = rs;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        cmu[n * C + c] = mu;
+        csc[n * C + c] = wp ? rs * wp[c] : rs;
+        csh[n * C + c] = bp ? bp[c] : A(0);
+      }
+    }
+  });
+  nhwc_map<T, A>(xp, nullptr, yp, N * HW, C, [&](int64_t row, const A* a, const A*, A* o) {
+    const int64_t k = (row / HW) * C;
+    affine_row(a, o, C, cmu.data() + k, csc.data() + k, csh.data() + k, silu);
+  });
+}
+
+template <typename T>
+void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, const at::Tensor& w,
+                   const at::Tensor& b, const at::Tensor& mean, const at::Tensor& rstd, int64_t G, bool silu,
+                   at::Tensor& dx, at::Tensor& dw_acc, at::Tensor& db_acc) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const NCShape shp = nc_shape(x);
+  const int64_t N = shp.N, C = shp.C, HW = shp.HW, D = C / G;
+  const int64_t m = D * HW;
+  const T* xp = x.data_ptr<T>();
+  const T* dyp = dy.data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+  const A* meanp = mean.data_ptr<A>();
+  const A* rstdp = rstd.data_ptr<A>();
+  // Per (n, c): sum of the effective output gradient (after SiLU's backward) and of its product with xhat.
+  std::vector<A> sdy(N * C), sdyxh(N * C);
+  // Per (n, c) coefficients: mean, rstd, weight, bias broadcast to channels, and the group terms c1, c2.
+  std::vector<A> c1v(N * C), c2v(N * C);
+  auto wc = [&](int64_t c) { return wp ? wp[c] : A(1); };
+  auto bc = [&](int64_t c) { return bp ? bp[c] : A(0); };
+
+  if (layout == Layout::kNCHW) {
+    at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<A> bx(kChunk), bdy(kChunk);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / G, g = i % G;
+        const A mu = meanp[i], rs = rstdp[i];
+        const V vmu(mu), vrs(rs);
+        A t1 = 0, t2 = 0;
+        // Pass 1: per-channel sums, and the group sums of g = de * w.
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          const V vw(wc(c)), vb(bc(c));
+          V a1(A(0)), a2(A(0));
+          for (int64_t off = 0; off < HW; off += kChunk) {
+            const int64_t len = std::min(kChunk, HW - off);
+            const int64_t pos = (n * C + c) * HW + off;
+            const A* ax = acc_view(xp + pos, bx.data(), len);
+            const A* ady = acc_view(dyp + pos, bdy.data(), len);
+            for (int64_t j = 0; j < len; j += W) {
+              const int64_t k = std::min<int64_t>(W, len - j);
+              const V xh = (V::loadu(ax + j, k) - vmu) * vrs;
+              V de = V::loadu(ady + j, k);  // zero past k: the tail adds nothing
+              if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
+              a1 = a1 + de;
+              a2 = at::vec::fmadd(de, xh, a2);
+            }
+          }
+          const A s1 = horizontal_sum(a1), s2 = horizontal_sum(a2);
+          sdy[n * C + c] = s1;
+          sdyxh[n * C + c] = s2;
+          t1 += wc(c) * s2;
+          t2 += wc(c) * s1;
+        }
+        const V vc1(t1 / A(m)), vc2(t2 / A(m));
+        // Pass 2 (the group is still in L2): dx = (de * w - xhat * c1 - c2) * rstd.
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          const V vw(wc(c)), vb(bc(c));
+          for (int64_t off = 0; off < HW; off += kChunk) {
+            const int64_t len = std::min(kChunk, HW - off);
+            const int64_t pos = (n * C + c) * HW + off;
+            const A* ax = acc_view(xp + pos, bx.data(), len);
+            const A* ady = acc_view(dyp + pos, bdy.data(), len);
+            A* o = acc_out(dxp + pos, bx.data());
+            for (int64_t j = 0; j < len; j += W) {
+              const int64_t k = std::min<int64_t>(W, len - j);
+              const V xh = (V::loadu(ax + j, k) - vmu) * vrs;
+              V de = V::loadu(ady + j, k);
+              if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
+              ((de * vw - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(o + j, k);
+            }
+            if constexpr (!std::is_same_v<T, A>) from_acc(o, dxp + pos, len);
+          }
+        }
+      }
+    });
+  } else {
+    std::vector<A> cmu(N * C), crs(N * C);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        cmu[n * C + c] = meanp[n * G + c / D];
+        crs[n * C + c] = rstdp[n * G + c / D];
+      }
+    }
+    std::vector<A> wv(C), bv(C);
+    for (int64_t c = 0; c < C; ++c) {
+      wv[c] = wc(c);
+      bv[c] = bc(c);
+    }
+    const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
+    std::vector<A> p1(N * nblk * C), p2(N * nblk * C);
+    nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(),
+                            [&](int64_t row, const A* ax, const A* ady, A* s1, A* s2) {
+                              const int64_t q = (row / HW) * C;
+                              for (int64_t j = 0; j < C; j += W) {
+                                const int64_t k = std::min<int64_t>(W, C - j);
+                                const V xh = (V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k)) *
+                                             V::loadu(crs.data() + q + j, k);
+                                V de = V::loadu(ady + j, k);
+                                if (silu) {
+                                  de = de * vsilu_grad(at::vec::fmadd(xh, V::loadu(wv.data() + j, k),
+                                                                      V::loadu(bv.data() + j, k)));
+                                }
+                                (V::loadu(s1 + j, k) + de).store(s1 + j, k);
+                                at::vec::fmadd(de, xh, V::loadu(s2 + j, k)).store(s2 + j, k);
+                              }
+                            });
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        A t1 = 0, t2 = 0;
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          t1 += p1[(n * nblk + blk) * C + c];
+          t2 += p2[(n * nblk + blk) * C + c];
+        }
+        sdy[n * C + c] = t1;
+        sdyxh[n * C + c] = t2;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        A t1 = 0, t2 = 0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          t1 += wv[c] * sdyxh[n * C + c];
+          t2 += wv[c] * sdy[n * C + c];
+        }
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          c1v[n * C + c] = t1 / A(m);
+          c2v[n * C + c] = t2 / A(m);
+        }
+      }
+    }
+    nhwc_map<T, A>(xp, dyp, dxp, N * HW, C, [&](int64_t row, const A* ax, const A* ady, A* o) {
+      const int64_t q = (row / HW) * C;
+      for (int64_t j = 0; j < C; j += W) {
+        const int64_t k = std::min<int64_t>(W, C - j);
+        const V vrs = V::loadu(crs.data() + q + j, k);
+        const V xh = (V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k)) * vrs;
+        const V vw = V::loadu(wv.data() + j, k);
+        V de = V::loadu(ady + j, k);
+        if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, V::loadu(bv.data() + j, k)));
+        ((de * vw - at::vec::fmadd(xh, V::loadu(c1v.data() + q + j, k), V::loadu(c2v.data() + q + j, k))) * vrs)
+            .store(o + j, k);
+      }
+    });
+  }
+  // dW / dB: sums over samples in sample order.
+  if (dw_acc.defined() || db_acc.defined()) {
+    A* dwo = dw_acc.defined() ? dw_acc.data_ptr<A>() : nullptr;
+    A* dbo = db_acc.defined() ? db_acc.data_ptr<A>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      A t1 = 0, t2 = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        t1 += sdy[n * C + c];
+        t2 += sdyxh[n * C + c];
+      }
+      if (dwo) dwo[c] = t2;
+      if (dbo) dbo[c] = t1;
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(const at::Tensor& x_in,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              int64_t num_groups, double eps,
+                                                              c10::string_view activation) {
+  TORCH_CHECK(x_in.dim() >= 2, "fusednorm_C::group_norm_fwd: x must be (N, C, *spatial)");
+  TORCH_CHECK(num_groups > 0 && x_in.size(1) % num_groups == 0,
+              "fusednorm_C::group_norm_fwd: num_groups must divide the number of channels");
+  const bool silu = parse_activation(activation);
+  const auto lx = activation_layout(x_in);
+  const Layout layout = lx.first;
+  const at::Tensor& x = lx.second;
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
+  at::Tensor y = at::empty_like(x, memory_format_of(layout, x.dim()));
+  at::Tensor mean = at::empty({x.size(0), num_groups}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({x.size(0), num_groups}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_fwd", [&] {
+    gn_fwd_kernel<scalar_t>(x, layout, w, b, num_groups, eps, silu, y, mean, rstd);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(const at::Tensor& dy, const at::Tensor& x_in,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              const at::Tensor& mean, const at::Tensor& rstd,
+                                                              int64_t num_groups, c10::string_view activation) {
+  TORCH_CHECK(x_in.dim() >= 2 && dy.sizes() == x_in.sizes(),
+              "fusednorm_C::group_norm_bwd: dy and x must be (N, C, *spatial) of the same shape");
+  TORCH_CHECK(num_groups > 0 && x_in.size(1) % num_groups == 0,
+              "fusednorm_C::group_norm_bwd: num_groups must divide the number of channels");
+  const bool silu = parse_activation(activation);
+  const auto lx = activation_layout(x_in);
+  const Layout layout = lx.first;
+  const at::Tensor& x = lx.second;
+  const at::Tensor dyc = in_layout(dy.to(x.scalar_type()), layout);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
+  const at::Tensor mu = mean.to(acc).contiguous(), rs = rstd.to(acc).contiguous();
+  at::Tensor dx = at::empty_like(x, memory_format_of(layout, x.dim()));
+  const int64_t C = x.size(1);
+  at::Tensor dw_acc = w.defined() ? at::empty({C}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor db_acc = b.defined() ? at::empty({C}, x.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "group_norm_bwd", [&] {
+    gn_bwd_kernel<scalar_t>(dyc, x, layout, w, b, mu, rs, num_groups, silu, dx, dw_acc, db_acc);
+  });
+  at::Tensor dw = w.defined() ? dw_acc.to(weight->scalar_type()) : at::empty({0}, x.options());
+  at::Tensor db = b.defined() ? db_acc.to(bias->scalar_type()) : at::empty({0}, x.options());
+  return {dx, dw, db};
+}
+
+}  // namespace FUSEDNORM_ISA
+}  // namespace cpu
+}  // namespace fusednorm
+
+#if !defined(FUSEDNORM_ISA_AVX2)
+// ---- registration (baseline copy only) ------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cpu/dispatch.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd_cpu(const at::Tensor& x,
+                                                                  const c10::optional<at::Tensor>& weight,
+                                                                  const c10::optional<at::Tensor>& bias,
+                                                                  int64_t num_groups, double eps,
+                                                                  c10::string_view activation) {
+  FUSEDNORM_CPU_CALL(group_norm_fwd, x, weight, bias, num_groups, eps, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    c10::string_view activation) {
+  FUSEDNORM_CPU_CALL(group_norm_bwd, dy, x, weight, bias, mean, rstd, num_groups, activation);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fusednorm
+
+TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
+  m.def(fusednorm::schema::kGroupNormFwd);
+  m.def(fusednorm::schema::kGroupNormBwd);
+}
+
+TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
+  m.impl("group_norm_fwd", &fusednorm::cpu::group_norm_fwd_cpu);
+  m.impl("group_norm_bwd", &fusednorm::cpu::group_norm_bwd_cpu);
+}
+#endif

@@ -1,0 +1,239 @@
+// LayerNorm / RMSNorm CPU kernels (forward and backward) and their operator registration.
+//
+// x is (M, N) with an arbitrary row stride and a contiguous last dimension; rows are independent, so the
+// forward runs rows in parallel. Each row is converted (bf16/fp16) or used in place (fp32/fp64), its
+// statistics are computed exactly in L1-sized chunks merged with Chan's formula, and it is normalized
+// while still in cache. The backward keeps dW/dB partial sums per block of rows (one block per thread)
+// and reduces them in block order, so the result does not depend on scheduling.
+#include "cpu/isa_prelude.h"
+// (isa_prelude.h must come first: it selects the instruction set of this translation unit.)
+#include "cpu/cpu_utils.h"
+#include "ops.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace FUSEDNORM_ISA {
+
+namespace {
+
+template <typename T>
+void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps,
+                           bool is_rms, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+  A* meanp = is_rms ? nullptr : mean.data_ptr<A>();
+  A* rstdp = rstd.data_ptr<A>();
+  // Enough rows per task to amortize the task overhead on short rows.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<A> buf(std::is_same_v<T, A> ? 0 : N);
+    for (int64_t r = r0; r < r1; ++r) {
+      const A* a = acc_view(xp + r * ldx, buf.data(), N);
+      A mu = 0, rs;
+      if (is_rms) {
+        // Sum of squares directly: there is no mean to cancel against.
+        A ss = 0;
+        for (int64_t off = 0; off < N; off += kChunk) {
+          const int64_t len = std::min(kChunk, N - off);
+          ss += vsum_sqdev(a + off, len, A(0));
+        }
+        rs = A(1) / std::sqrt(ss / A(N) + A(eps));
+      } else {
+        const auto st = stats_acc(a, N);
+        mu = N > 0 ? st.mean : A(NAN);
+        rs = A(1) / std::sqrt(st.m2 / A(N) + A(eps));
+        meanp[r] = mu;
+      }
+      rstdp[r] = rs;
+      A* out = acc_out(yp + r * N, buf.data());
+      const V vmu(mu), vrs(rs);
+      int64_t j = 0;
+      for (; j < N; j += W) {
+        const int64_t cnt = std::min<int64_t>(W, N - j);
+        V v = (V::loadu(a + j, cnt) - vmu) * vrs;
+        if (wp && bp) {
+          v = at::vec::fmadd(v, V::loadu(wp + j, cnt), V::loadu(bp + j, cnt));
+        } else if (wp) {
+          v = v * V::loadu(wp + j, cnt);
+        } else if (bp) {
+          v = v + V::loadu(bp + j, cnt);
+        }
+        v.store(out + j, cnt);
+      }
+      if constexpr (!std::is_same_v<T, A>) from_acc(out, yp + r * N, N);
+    }
+  });
+}
+
+template <typename T>
+void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, bool has_b,
+                           const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, at::Tensor& dx,
+                           at::Tensor& dw_acc, at::Tensor& db_acc) {
+  using A = acc_type<T>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0), lddy = dy.stride(0);
+  const T* xp = x.data_ptr<T>();
+  const T* dyp = dy.data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  const A* meanp = is_rms ? nullptr : mean.data_ptr<A>();
+  const A* rstdp = rstd.data_ptr<A>();
+  const bool need_dw = dw_acc.defined(), need_db = db_acc.defined();
+  const bool need_partials = need_dw || need_db;
+  const int64_t blocks = num_blocks(M);
+  // Per-block partial sums of dy * xhat and dy, reduced in block order below.
+  std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
+  const A inv_n = A(1) / A(N);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const auto [r0, r1] = block_range(M, blocks, blk);
+      A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
+      A* dbr = need_db ? pdb.data() + blk * N : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const A* ax = acc_view(xp + r * ldx, xbuf.data(), N);
+        const A* ady = acc_view(dyp + r * lddy, dybuf.data(), N);
+        const A mu = is_rms ? A(0) : meanp[r];
+        const A rs = rstdp[r];
+        const V vmu(mu), vrs(rs);
+        // Pass 1: the two row sums of g = dy * w against xhat and 1, and the dW/dB partials.
+        V s1(A(0)), s2(A(0));
+        for (int64_t j = 0; j < N; j += W) {
+          const int64_t cnt = std::min<int64_t>(W, N - j);
+          const V xh = (V::loadu(ax + j, cnt) - vmu) * vrs;
+          const V d = V::loadu(ady + j, cnt);  // zero-filled past cnt, so the tail adds nothing
+          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
+          s1 = at::vec::fmadd(g, xh, s1);
+          s2 = s2 + g;
+          if (need_partials) {
+            if (dwr) at::vec::fmadd(d, xh, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
+            if (dbr) (V::loadu(dbr + j, cnt) + d).store(dbr + j, cnt);
+          }
+        }
+        const A c1 = horizontal_sum(s1) * inv_n;
+        const A c2 = is_rms ? A(0) : horizontal_sum(s2) * inv_n;
+        const V vc1(c1), vc2(c2);
+        // Pass 2 (row still in cache): dx = (g - xhat * c1 - c2) * rstd.
+        A* out = acc_out(dxp + r * N, xbuf.data());  // xbuf is free once read: overwrite in place
+        for (int64_t j = 0; j < N; j += W) {
+          const int64_t cnt = std::min<int64_t>(W, N - j);
+          const V xh = (V::loadu(ax + j, cnt) - vmu) * vrs;
+          const V d = V::loadu(ady + j, cnt);
+          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
+          ((g - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(out + j, cnt);
+        }
+        if constexpr (!std::is_same_v<T, A>) from_acc(out, dxp + r * N, N);
+      }
+    }
+  });
+  // Deterministic second reduction: each column sums the block partials in block order.
+  if (need_partials) {
+    A* dwo = need_dw ? dw_acc.data_ptr<A>() : nullptr;
+    A* dbo = need_db ? db_acc.data_ptr<A>() : nullptr;
+    at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        A sw = 0, sb = 0;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          if (dwo) sw += pdw[blk * N + j];
+          if (dbo) sb += pdb[blk * N + j];
+        }
+        if (dwo) dwo[j] = sw;
+        if (dbo) dbo[j] = sb;
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              double eps, bool is_rms) {
+  TORCH_CHECK(x.dim() == 2, "fusednorm_C::layer_norm_fwd: x must be 2-D (M, N), got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fusednorm_C::layer_norm_fwd: last dim must be contiguous");
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
+  const int64_t M = x.size(0), N = x.size(1);
+  auto opts = x.options().dtype(acc);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor mean = at::empty({is_rms ? 0 : M}, opts);
+  at::Tensor rstd = at::empty({M}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_fwd", [&] {
+    layer_norm_fwd_kernel<scalar_t>(x, w, b, eps, is_rms, y, mean, rstd);
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                              const c10::optional<at::Tensor>& weight,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              const at::Tensor& mean, const at::Tensor& rstd,
+                                                              bool is_rms) {
+  TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes(), "fusednorm_C::layer_norm_bwd: dy and x must be (M, N)");
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc);
+  const bool has_w = w.defined(), has_b = bias.has_value() && bias->defined();
+  // A last dim that is not contiguous cannot be read row-wise; such dy (rare) is copied.
+  const at::Tensor dyc = (dy.size(1) <= 1 || dy.stride(1) == 1) ? dy.to(x.scalar_type()) : dy.to(x.scalar_type()).contiguous();
+  const at::Tensor meanc = mean.to(acc).contiguous(), rstdc = rstd.to(acc).contiguous();
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor dx = at::empty({M, N}, x.options());
+  at::Tensor dw_acc = has_w ? at::empty({N}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor db_acc = has_b ? at::empty({N}, x.options().dtype(acc)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_bwd", [&] {
+    layer_norm_bwd_kernel<scalar_t>(dyc, x, w, has_b, meanc, rstdc, is_rms, dx, dw_acc, db_acc);
+  });
+  at::Tensor dw = has_w ? dw_acc.to(weight->scalar_type()) : at::empty({0}, x.options());
+  at::Tensor db = has_b ? db_acc.to(bias->scalar_type()) : at::empty({0}, x.options());
+  return {dx, dw, db};
+}
+
+}  // namespace FUSEDNORM_ISA
+}  // namespace cpu
+}  // namespace fusednorm
+
+#if !defined(FUSEDNORM_ISA_AVX2)
+// ---- registration (baseline copy only) ------------------------------------------------------------
+#include <torch/library.h>
+
+#include "cpu/dispatch.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x,
+                                                                  const c10::optional<at::Tensor>& weight,
+                                                                  const c10::optional<at::Tensor>& bias,
+                                                                  double eps, bool is_rms) {
+  FUSEDNORM_CPU_CALL(layer_norm_fwd, x, weight, bias, eps, is_rms);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, bool is_rms) {
+  FUSEDNORM_CPU_CALL(layer_norm_bwd, dy, x, weight, bias, mean, rstd, is_rms);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fusednorm
+
+TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
+  m.def(fusednorm::schema::kLayerNormFwd);
+  m.def(fusednorm::schema::kLayerNormBwd);
+}
+
+TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
+  m.impl("layer_norm_fwd", &fusednorm::cpu::layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &fusednorm::cpu::layer_norm_bwd_cpu);
+}
+#endif
