@@ -177,7 +177,8 @@ def add_norm_bwd_kernel(
             mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         s_rows = S + rows64[:, None] * stride_s_row
         dy_rows = DY + rows64[:, None] * stride_dy_row
-        ds_rows = DS + rows64[:, None] * stride_ds_row
+        if HAS_DS:
+            ds_rows = DS + rows64[:, None] * stride_ds_row
         dx_row = rows64[:, None] * stride_dx_row
         dr_row = rows64[:, None] * stride_dr_row
         if SINGLE_TILE:
@@ -336,37 +337,44 @@ def add_norm_bwd(
 
 
 def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
-    """Every (name, JITFunction, signature, constexprs, num_warps) the launchers can pick, worst-case dtypes.
+    """Every (name, JITFunction, signature, constexprs, num_warps) the launchers can pick, worst-case flags.
 
-    Worst case: fp32 data (largest registers per element) with every flag on; both the single-tile limit
-    (N = MAX_SINGLE_TILE) and the chunked path, for LayerNorm and RMSNorm.
+    Rows of each power-of-two width up to the single-tile limit plus the chunked path; fp32 data, bf16 data
+    with fp32 parameters and an fp32 residual stream (residual_in_fp32), and fp64; residual, dropout, weight and
+    bias on (prenorm gradient on in backward), LayerNorm and RMSNorm.
     """
-    from fusednorm.backends.triton.layer_norm import CHUNK_N, MAX_SINGLE_TILE
+    from fusednorm.backends.triton.layer_norm import MAX_SINGLE_TILE
 
-    out = []
-    for n in (MAX_SINGLE_TILE, CHUNK_N * 2, 1024, 128):
-        cfg = row_norm_config(n, torch.float32)
-        num_warps = int(cfg.pop("num_warps"))
-        for is_rms in (False, True):
-            flags = dict(IS_RMS=is_rms, HAS_WEIGHT=True, HAS_BIAS=not is_rms, HAS_RESIDUAL=True, HAS_DROPOUT=True)
-            fwd_sig = {
-                "X": "*fp32", "R": "*fp32", "S": "*fp32", "Y": "*fp32", "W": "*fp32", "B": "*fp32",
-                "Mean": "*fp32", "Rstd": "*fp32", "stride_x_row": "i64", "stride_r_row": "i64",
-                "stride_s_row": "i64", "stride_y_row": "i64", "M": "i32", "N": "i32", "eps": "fp32",
-                "drop_scale": "fp32", "seed": "i32", "threshold": "i32",
-            }
-            consts = {**flags, **cfg}
-            fwd_sig.update({k: "constexpr" for k in consts})
-            tag = f"{'rms' if is_rms else 'ln'}_n{n}"
-            out.append((f"add_norm_fwd_{tag}", add_norm_fwd_kernel, fwd_sig, dict(consts), num_warps))
-            bwd_sig = {
-                "DY": "*fp32", "DS": "*fp32", "S": "*fp32", "W": "*fp32", "Mean": "*fp32", "Rstd": "*fp32",
-                "DX": "*fp32", "DR": "*fp32", "DW_partial": "*fp32", "DB_partial": "*fp32",
-                "stride_dy_row": "i64", "stride_ds_row": "i64", "stride_s_row": "i64", "stride_dx_row": "i64",
-                "stride_dr_row": "i64", "M": "i32", "N": "i32", "drop_scale": "fp32", "seed": "i32",
-                "threshold": "i32",
-            }
-            bconsts = {**flags, "HAS_DS": True, **cfg}
-            bwd_sig.update({k: "constexpr" for k in bconsts})
-            out.append((f"add_norm_bwd_{tag}", add_norm_bwd_kernel, bwd_sig, bconsts, num_warps))
-    return out
+    widths = [1 << k for k in range(MAX_SINGLE_TILE.bit_length())] + [MAX_SINGLE_TILE + 1]
+    configs = []
+    for x_ty, p_ty, s_ty, dtype in (("fp32", "fp32", "fp32", torch.float32), ("bf16", "fp32", "fp32", torch.bfloat16),
+                                    ("fp64", "fp64", "fp64", torch.float64)):
+        acc = "fp64" if x_ty == "fp64" else "fp32"
+        seen = set()
+        for n in widths:
+            cfg = row_norm_config(n, dtype)
+            key = tuple(cfg.items())
+            if key in seen:
+                continue
+            seen.add(key)
+            meta = {k: v for k, v in cfg.items() if k != "num_warps"}
+            for is_rms in (False, True):
+                flags = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": not is_rms, "HAS_RESIDUAL": True,
+                         "HAS_DROPOUT": True}
+                fwd_sig = {"X": f"*{x_ty}", "R": f"*{s_ty}", "S": f"*{s_ty}", "Y": f"*{x_ty}", "W": f"*{p_ty}",
+                           "B": f"*{p_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}", "stride_x_row": "i32",
+                           "stride_r_row": "i32", "stride_s_row": "i32", "stride_y_row": "i32", "M": "i32",
+                           "N": "i32", "eps": "fp32", "drop_scale": "fp32", "seed": "i32", "threshold": "i32"}
+                bwd_sig = {"DY": f"*{x_ty}", "DS": f"*{s_ty}", "S": f"*{s_ty}", "W": f"*{p_ty}", "Mean": f"*{acc}",
+                           "Rstd": f"*{acc}", "DX": f"*{x_ty}", "DR": f"*{s_ty}", "DW_partial": f"*{acc}",
+                           "DB_partial": f"*{acc}", "stride_dy_row": "i32", "stride_ds_row": "i32",
+                           "stride_s_row": "i32", "stride_dx_row": "i32", "stride_dr_row": "i32", "M": "i32",
+                           "N": "i32", "drop_scale": "fp32", "seed": "i32", "threshold": "i32"}
+                tag = f"{'rms' if is_rms else 'ln'}[{x_ty}/{p_ty}/{s_ty}] BLOCK_N={meta['BLOCK_N']} " \
+                      f"R={meta['ROWS_PER_PROGRAM']} {'single' if meta['SINGLE_TILE'] else 'chunked'}"
+                for name, fn, sig, extra in (("add_norm_fwd", add_norm_fwd_kernel, fwd_sig, {}),
+                                             ("add_norm_bwd", add_norm_bwd_kernel, bwd_sig, {"HAS_DS": True})):
+                    consts = {**flags, **extra, **meta}
+                    configs.append((f"{name} {tag}", fn, {**sig, **dict.fromkeys(consts, "constexpr")}, consts,
+                                    cfg["num_warps"]))
+    return configs
