@@ -103,6 +103,9 @@ def group_norm_stats_kernel(
         x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64)
     else:
         x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64) * stride_xo
+    # Statistics of x - K with K the group's first element, the same shift in every program of the group: with
+    # |mean| >> std a tile's plain fp32 sum would round away the low digits of its mean; x - K is exact there.
+    shift = tl.load(x_base).to(acc_ty)
     t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
     count = tl.zeros([1], dtype=acc_ty)
     mean = tl.zeros([1], dtype=acc_ty)
@@ -111,7 +114,7 @@ def group_norm_stats_kernel(
         rows = tl.minimum(cg - tc * BLOCK_C, BLOCK_C)
         for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
             c, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-            x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
+            x = tl.where(mask, tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty) - shift, 0.0)
             # Exact two-step statistics of the tile, then Chan's merge into the running partial.
             t_count = (rows * tl.minimum(S - ts * BLOCK_S, BLOCK_S)).to(acc_ty)
             t_mean = tl.sum(tl.sum(x, axis=1), axis=0) / t_count
@@ -155,11 +158,11 @@ def group_norm_apply_kernel(
     n = ng // G
     g = ng - n * G
     split = tl.num_programs(1)
+    # Partials are statistics of x - K (see the stats kernel); ``mean`` here is the shifted mean.
     count, mean, m2 = _merge_partials(PCount, PMean, PM2, ng, split, PBLOCK)
     var = m2 / count
     rstd = 1.0 / tl.sqrt(var + eps)
     first = tl.arange(0, 1) + tl.program_id(1) == 0
-    tl.store(Mean + ng + tl.arange(0, 1), mean, mask=first)
     tl.store(Rstd + ng + tl.arange(0, 1), rstd, mask=first)
     tl.store(Var + ng + tl.arange(0, 1), var, mask=first)
     # Broadcastable (1, 1) forms of the group statistics.
@@ -172,22 +175,25 @@ def group_norm_apply_kernel(
     else:
         x_base = X + n.to(tl.int64) * stride_xn + c_first * stride_xo
         y_base = Y + n.to(tl.int64) * stride_yn + c_first * stride_yo
+    shift = tl.load(x_base).to(acc_ty)
+    tl.store(Mean + ng + tl.arange(0, 1), shift + mean, mask=first)
     t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
     for tc in range(tc0, tc1 + 1):
         if AFFINE:
             c = tc * BLOCK_C + tl.arange(0, BLOCK_C)
-            # Fold mean/rstd/affine into one scale and shift per channel: y = x * a + b.
+            # Per-channel scale rstd * w; the bias is added after scaling the centred x (not folded into a shift
+            # b - mean * scale, which would cancel when |mean| >> std).
             w = tl.load(W + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
             bb = tl.load(B + c_first + c, mask=c < cg, other=0.0).to(acc_ty)
             scale = w[:, None] * rstd2
-            shift = bb[:, None] - mean2 * scale
+            bias2 = bb[:, None]
         for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
             c, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-            x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
+            xc = (tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty) - shift) - mean2
             if AFFINE:
-                y = x * scale + shift
+                y = xc * scale + bias2
             else:
-                y = (x - mean2) * rstd2
+                y = xc * rstd2
             if SILU:
                 y = y / (1.0 + tl.exp(-y))
             if stride_yo == stride_xo:
