@@ -148,7 +148,7 @@ def _qualname(cls: type) -> str:
     mod = cls.__module__
     if mod.startswith("torch.nn.modules"):
         mod = "torch.nn"
-    elif mod.startswith("fusednorm"):
+    elif mod.startswith("fusednorm.modules"):
         mod = "fusednorm"
     return f"{mod}.{cls.__qualname__}"
 

@@ -98,9 +98,9 @@ NORMS = {
     "in1d": (lambda: nn.InstanceNorm1d(C, affine=True), (4, C, 5)),
     "in2d": (lambda: nn.InstanceNorm2d(C, affine=True, track_running_stats=True), (4, C, 3, 5)),
     "in3d": (lambda: nn.InstanceNorm3d(C), (2, C, 3, 2, 3)),
-    "llama": (lambda: LlamaStyleRMSNorm(H), (5, H)),
+    "llama": (lambda: LlamaStyleRMSNorm(H, eps=0.1), (5, H)),  # large eps: a dropped eps must show
     "gemma": (lambda: GemmaStyleRMSNorm(H), (5, H)),
-    "gemma_unnamed": (lambda: OffsetScaleNorm(H, eps=1e-5), (5, H)),
+    "gemma_unnamed": (lambda: OffsetScaleNorm(H, eps=0.25), (5, H)),
 }
 THIRD_PARTY = {"llama": LlamaStyleRMSNorm, "gemma": GemmaStyleRMSNorm, "gemma_unnamed": OffsetScaleNorm}
 
