@@ -240,6 +240,20 @@ def test_gradcheck_float64(backend, layout, act):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64_full_mode(backend):
+    """Full (column by column) gradcheck on a tiny shape, SiLU and affine included."""
+    x = torch.randn(1, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, b):
+        with fusednorm.use_backend(backend):
+            return F.group_norm(x, 1, w, b, activation="silu")
+
+    assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     x = torch.randn(1, 6, 3, 4).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(6), torch.randn(6)
