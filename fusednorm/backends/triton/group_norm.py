@@ -560,43 +560,45 @@ def group_norm_bwd(
 
 
 def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
-    """Every (name, kernel, signature, constexprs, num_warps) the launchers above can choose, with the worst-case
-    dtypes (fp32; bf16 input with fp32 parameters; fp64), for ``triton.compiler.ASTSource``."""
+    """Every (kernel, constexpr config, num_warps) the launchers above can choose, with worst-case dtypes (fp32;
+    bf16 input with fp32 parameters; fp64) and 64-bit strides. Returns tuples (name "kernel tag", jit function,
+    signature (constexpr entries included), constexprs, num_warps) for ``triton.compiler.ASTSource``."""
     dtype_sets = [("fp32", "fp32", "fp32"), ("bf16", "fp32", "fp32"), ("fp64", "fp64", "fp64")]
     tiles = [(False, TILE // bs, bs) for bs in NCHW_BLOCK_S] + [(True, bc, TILE // bc) for bc in NHWC_BLOCK_C]
     geo = {"G": "i32", "cg": "i32", "S": "i32", "tiles_s": "i32", "tiles_per_prog": "i32", "num_tiles": "i32"}
     out = []
+
+    def add(kernel, tag, sig, consts):
+        out.append((f"{kernel.__name__} {tag}", kernel, {**sig, **dict.fromkeys(consts, "constexpr")}, consts,
+                    NUM_WARPS))
+
     for xd, pd, ad in dtype_sets:
-        tag = f"x{xd}_p{pd}"
         for cl, bc, bs in tiles:
             tile = {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}
-            name = f"{tag}_{'nhwc' if cl else 'nchw'}_c{bc}_s{bs}"
+            tag = f"[{xd}/{pd}] {'nhwc' if cl else 'nchw'} BLOCK_C={bc} BLOCK_S={bs}"
             sig = {"X": f"*{xd}", "PCount": f"*{ad}", "PMean": f"*{ad}", "PM2": f"*{ad}",
                    "stride_xn": "i64", "stride_xo": "i64", **geo}
-            out.append((f"group_norm_stats_kernel_{name}", group_norm_stats_kernel, sig, dict(tile), NUM_WARPS))
+            add(group_norm_stats_kernel, tag, sig, dict(tile))
             for affine in (False, True):
                 for silu in (False, True):
                     flags = {**tile, "AFFINE": affine, "SILU": silu}
-                    fname = f"{name}_a{int(affine)}_silu{int(silu)}"
+                    ftag = f"{tag} affine={int(affine)} silu={int(silu)}"
                     sig = {"X": f"*{xd}", "Y": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
                            "PCount": f"*{ad}", "PMean": f"*{ad}", "PM2": f"*{ad}",
                            "Mean": f"*{ad}", "Rstd": f"*{ad}", "Var": f"*{ad}",
                            "stride_xn": "i64", "stride_xo": "i64", "stride_yn": "i64", "stride_yo": "i64",
                            **geo, "eps": "fp32"}
-                    out.append((f"group_norm_apply_kernel_{fname}", group_norm_apply_kernel, sig,
-                                {**flags, "PBLOCK": PARTIAL_BLOCK}, NUM_WARPS))
+                    add(group_norm_apply_kernel, ftag, sig, {**flags, "PBLOCK": PARTIAL_BLOCK})
                     sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
                            "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
                            "DWp": f"*{ad}", "DBp": f"*{ad}",
                            "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
                            "C": "i32", **geo}
-                    out.append((f"group_norm_bwd_reduce_kernel_{fname}", group_norm_bwd_reduce_kernel, sig,
-                                dict(flags), NUM_WARPS))
+                    add(group_norm_bwd_reduce_kernel, ftag, sig, dict(flags))
                     sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
                            "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
                            "DX": f"*{xd}",
                            "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
                            "stride_dxn": "i64", "stride_dxo": "i64", **geo}
-                    out.append((f"group_norm_bwd_dx_kernel_{fname}", group_norm_bwd_dx_kernel, sig,
-                                {**flags, "PBLOCK": PARTIAL_BLOCK}, NUM_WARPS))
+                    add(group_norm_bwd_dx_kernel, ftag, sig, {**flags, "PBLOCK": PARTIAL_BLOCK})
     return out
