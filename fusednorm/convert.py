@@ -376,11 +376,13 @@ def _probe(module: nn.Module, eps_attr: str) -> tuple[RowNormSpec | None, str]:
     w = module.weight
     b = module._parameters.get("bias")
     eps = float(getattr(module, eps_attr))
-    if w.device.type == "meta":
-        # Nothing to run: trust the name. Only RMSNorms are common enough to guess.
+    sharded = type(w).__name__ == "DTensor" or type(getattr(w, "data", w)).__name__ == "DTensor"
+    if w.device.type == "meta" or sharded:
+        # Nothing to run (no data, or a shard of it): trust the name. Only RMSNorms are common enough to guess.
         name = cls.__name__
         if "rmsnorm" not in name.lower() or b is not None:
-            return None, "on the meta device and not named *RMSNorm, cannot probe"
+            where = "sharded (DTensor)" if sharded else "on the meta device"
+            return None, f"{where} and not named *RMSNorm, cannot probe"
         gemma = "gemma" in name.lower()
         return RowNormSpec("rms", 1.0 if gemma else 0.0, "input" if gemma else "promote", eps_attr), ""
     n = w.numel()

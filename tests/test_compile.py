@@ -136,17 +136,23 @@ def test_compile_inductor_rows():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def _record_norm_dtypes(model: nn.Module, fused: nn.Module) -> dict[str, list[torch.dtype]]:
+    """Forward hooks appending each norm's output dtype, per model ("torch" / "fused")."""
+    dtypes: dict[str, list[torch.dtype]] = {"torch": [], "fused": []}
+    for tag, m in (("torch", model), ("fused", fused)):
+        for name, mod in m.named_children():
+            if name in ("ln", "rms", "llama", "gemma", "gn", "bn"):
+                mod.register_forward_hook(lambda mod, a, out, tag=tag: dtypes[tag].append(out.dtype))
+    return dtypes
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
 def test_autocast_bf16_cpu(compiled):
     """Under autocast the norms see bf16 activations and fp32 parameters. The converted model must follow
     torch's dtype for every norm output and be as accurate as the torch model against a float64 run."""
     model, fused, x = _pair("rows")
     ref64 = copy.deepcopy(model).double()
-    dtypes: dict[str, list[torch.dtype]] = {"torch": [], "fused": []}
-    for tag, m in (("torch", model), ("fused", fused)):
-        for name, mod in m.named_children():
-            if name in ("ln", "rms", "llama", "gemma"):
-                mod.register_forward_hook(lambda mod, a, out, tag=tag: dtypes[tag].append(out.dtype))
+    dtypes = _record_norm_dtypes(model, fused)
     fn = _compile(fused, "aot_eager") if compiled else fused
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t_out, t_gx, t_gp = _fwd_bwd(model, x)
@@ -174,6 +180,21 @@ def test_activation_checkpointing(compiled):
     _assert_same(_fwd_bwd(fused, x, fn), plain, rtol=0, atol=0 if not compiled else 1e-5)
     if compiled:
         assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a CUDA device")
+@pytest.mark.parametrize("kind", ["rows", "conv"])
+def test_cuda_autocast_norm_dtypes_follow_torch(kind):
+    """CUDA autocast runs layer_norm/group_norm in fp32 (fp32 outputs); a drop-in must give the same dtypes."""
+    model, fused, x = _pair(kind)
+    model, fused, x = model.cuda(), fused.cuda(), x.cuda()
+    dtypes = _record_norm_dtypes(model, fused)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        t_out, *_ = _fwd_bwd(model, x)
+        f_out, *_ = _fwd_bwd(fused, x)
+    assert dtypes["fused"] == dtypes["torch"], dtypes
+    assert f_out.dtype == t_out.dtype
 
 
 @pytest.mark.gpu
