@@ -368,17 +368,18 @@ def test_kernels_report_missing(monkeypatch, capsys):
 
 def test_kernels_report_table(monkeypatch, capsys):
     rows = [
-        {"kernel": "ln_fwd", "config": "BLOCK=1024", "arch": 80, "registers": 40, "spills": 0,
-         "shared_bytes": 0, "ok": True, "error": None},
-        {"kernel": "ln_bwd", "config": "BLOCK=8192", "arch": 90, "registers": 255, "spills": 16,
-         "shared_bytes": 4096, "ok": True, "error": None},
+        {"kernel": "ln_fwd", "config": "BLOCK=1024", "arch": "sm_80", "num_warps": 4, "registers": 40,
+         "spills": False, "spill_bytes": 0, "shared_bytes": 0, "ok": True, "error": ""},
+        {"kernel": "ln_bwd", "config": "BLOCK=8192", "arch": "sm_90", "num_warps": 8, "registers": 255,
+         "spills": True, "spill_bytes": 96, "shared_bytes": 4096, "ok": False, "error": "96 bytes of spill"},
     ]
     fake = types.ModuleType("fusednorm.backends.triton.codegen")
-    fake.compile_report = lambda archs=(80, 90): [r for r in rows if r["arch"] in archs]
+    fake.compile_report = lambda archs=(80, 90): [r for r in rows if int(r["arch"][3:]) in archs]
     monkeypatch.setitem(sys.modules, "fusednorm.backends.triton.codegen", fake)
-    assert cli.main(["--kernels"]) == 0
+    assert cli.main(["--kernels"]) == 1  # a spilling configuration fails the report
     out = capsys.readouterr().out
-    assert "ln_fwd" in out and "sm_90" in out and "1 with errors or spills" in out
+    assert "ln_fwd" in out and "sm_90" in out and "sm_sm" not in out and "96 B" in out
+    assert "1 with errors or spills" in out
     assert cli.main(["--kernels", "--archs", "80"]) == 0
     assert "ln_bwd" not in capsys.readouterr().out
 

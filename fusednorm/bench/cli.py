@@ -129,7 +129,7 @@ def _kernels(args: argparse.Namespace) -> int:
         return 1
     rows = compile_report(archs=archs)
     print_kernels(rows)
-    return 0 if all(r.get("ok") for r in rows) else 1
+    return 0 if rows and all(r.get("ok") and not r.get("spill_bytes") and not r.get("spills") for r in rows) else 1
 
 
 def _print_list(cases: Sequence[Case], providers: Sequence, device: torch.device) -> None:
@@ -198,8 +198,13 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
         TextColumn("{task.fields[case]}"), console=console, disable=args.quiet, transient=True,
     ) as progress:
         task = progress.add_task("benchmarking", total=len(cases), case="")
-        for case in cases:
+        # a log (CI, a file) gets one line per case instead of a live bar
+        log_lines = not args.quiet and not console.is_terminal
+        for i, case in enumerate(cases):
             progress.update(task, case=case.label)
+            if log_lines:
+                print(f"[{i + 1}/{len(cases)} {time.perf_counter() - t_start:6.0f} s] {case.label}",
+                      file=sys.stderr, flush=True)
             results.extend(run_case(case, providers, cfg))
             progress.advance(task)
             if device.type == "cuda":

@@ -306,8 +306,9 @@ def write_markdown(path: str, results: Sequence[Result], env: dict) -> None:
 
 
 def write_plot(path: str, results: Sequence[Result], env: dict, metric: str = "gbps") -> bool:
-    """GB/s (or speedup over torch) vs problem size, one panel per (op, dtype, mode, layout), one line per
-    provider. Returns False (and writes nothing) when there is no timed result to plot."""
+    """GB/s (or speedup over torch eager) vs problem size: one panel per (op, mode), shapes on the x axis in
+    size order, one line per provider (and dtype / layout when the panel mixes them). Returns False (and
+    writes nothing) when there is no timed result to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,41 +316,49 @@ def write_plot(path: str, results: Sequence[Result], env: dict, metric: str = "g
 
     ok = [r for r in results if r.status == OK and r.timing is not None]
     value = (lambda r: r.gbps) if metric == "gbps" else (lambda r: r.speedup)
-    panels: OrderedDict[tuple, dict[str, list[tuple[int, float]]]] = OrderedDict()
+    panels: OrderedDict[tuple[str, str], list[Result]] = OrderedDict()
     for r in ok:
         v = value(r)
-        if v is None or not math.isfinite(v):
-            continue
-        key = (r.case.op, r.case.dtype, r.case.mode, r.case.layout)
-        panels.setdefault(key, {}).setdefault(r.label, []).append((r.case.numel, v))
+        if v is not None and math.isfinite(v):
+            panels.setdefault((r.case.op, r.case.mode), []).append(r)
     if not panels:
         return False
-    ncols = min(4, len(panels))
+    ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, ((op, dtype, mode, layout), lines) in zip(axes.flat, panels.items(), strict=False):
-        for label, pts in lines.items():
+    for ax, ((op, mode), rs) in zip(axes.flat, panels.items(), strict=False):
+        shapes = sorted({(r.case.numel, r.case.shape) for r in rs})
+        xpos = {shape: i for i, (_, shape) in enumerate(shapes)}
+        mixed_dtype = len({r.case.dtype for r in rs}) > 1
+        mixed_layout = len({r.case.layout for r in rs}) > 1
+        lines: OrderedDict[str, list[tuple[int, float]]] = OrderedDict()
+        for r in rs:
+            name = r.label + (f" {r.case.dtype}" if mixed_dtype else "")
+            name += " NHWC" if mixed_layout and r.case.layout == "channels_last" else ""
+            lines.setdefault(name, []).append((xpos[r.case.shape], value(r)))
+        for name, pts in lines.items():
             pts.sort()
-            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         if metric == "gbps" and env.get("copy_gbps"):
-            ax.axhline(env["copy_gbps"], color="gray", linestyle="--", linewidth=0.8, label="copy")
+            ax.axhline(env["copy_gbps"], color="gray", linestyle="--", linewidth=0.8, label="copy bandwidth")
         if metric == "speedup":
             ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
-        ax.set_xscale("log")
-        ax.set_title(f"{op} {dtype} {mode}" + (" NHWC" if layout == "channels_last" else ""), fontsize=9)
-        ax.set_xlabel("elements", fontsize=8)
-        ax.set_ylabel("GB/s" if metric == "gbps" else "speedup vs torch eager", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(["x".join(map(str, s)) for _, s in shapes], fontsize=7, rotation=20, ha="right")
+        ax.set_xlim(-0.5, len(shapes) - 0.5)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{op} {mode}" + ("" if mixed_dtype else f" {rs[0].case.dtype}"), fontsize=9)
+        ax.set_ylabel("GB/s (byte model)" if metric == "gbps" else "speedup vs torch eager", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     commit = (env.get("git_commit") or "unknown")[:10]
     fig.suptitle(f"fusednorm-bench on {env.get('device_name')} ({env.get('device')}), commit {commit}",
                  fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -358,26 +367,35 @@ def write_plot(path: str, results: Sequence[Result], env: dict, metric: str = "g
 
 
 def print_kernels(rows: Sequence[dict], console: Any = None) -> None:
-    """Table of ``compile_report`` rows: kernel, config, arch, registers, spills, shared memory, ok/error."""
+    """Table of ``compile_report`` rows: kernel, config, arch, warps, registers, spills, shared memory, status.
+
+    ``arch`` may be 80 or ``"sm_80"``; spills may be a byte count (``spill_bytes``) or a flag (``spills``).
+    """
     from rich.table import Table
 
     console = console or wide_console()
     table = Table(header_style="bold")
-    for h in ("kernel", "config", "arch", "registers", "spills", "shared", "status"):
-        table.add_column(h, justify="right" if h in ("arch", "registers", "spills", "shared") else "left")
+    for h in ("kernel", "config", "arch", "warps", "registers", "spills", "shared", "status"):
+        table.add_column(h, justify="right" if h in ("arch", "warps", "registers", "spills", "shared") else "left")
+    n_bad = 0
     for r in rows:
-        ok = bool(r.get("ok"))
-        spills = r.get("spills")
-        status = "ok" if ok else f"error: {r.get('error') or '?'}"
-        style = None if ok and not spills else "red"
+        arch = str(r.get("arch", "?"))
+        arch = arch if arch.startswith("sm_") else f"sm_{arch}"
+        spill = r.get("spill_bytes")
+        spilled = bool(spill) if spill is not None else bool(r.get("spills"))
+        spill_text = fmt_bytes(int(spill)) if spill is not None else ("yes" if spilled else "-" if
+                                                                       r.get("spills") is None else "no")
+        ok = bool(r.get("ok")) and not spilled
+        n_bad += not ok
         shared = r.get("shared_bytes")
         table.add_row(
-            str(r.get("kernel", "?")), str(r.get("config", "")), f"sm_{r.get('arch', '?')}",
+            str(r.get("kernel", "?")), str(r.get("config", "")), arch,
+            "-" if r.get("num_warps") is None else str(r.get("num_warps")),
             "-" if r.get("registers") is None else str(r.get("registers")),
-            "-" if spills is None else str(spills),
+            spill_text,
             "-" if shared is None else fmt_bytes(int(shared)),
-            status, style=style,
+            "ok" if ok else f"error: {r.get('error') or 'spills'}",
+            style=None if ok else "red",
         )
     console.print(table)
-    n_bad = sum(1 for r in rows if not r.get("ok") or r.get("spills"))
     console.print(f"{len(rows)} kernel configurations, {n_bad} with errors or spills", highlight=False)
