@@ -1,0 +1,470 @@
+// Fused norm variants (issue 8), CPU: residual-add (+ dropout) + LayerNorm/RMSNorm forward and backward.
+//
+// s = dropout(x) + residual is formed row by row in an L1-resident accumulation-type buffer, written once
+// (rounded to s's dtype; the statistics are those of the rounded s, which is what backward normalizes
+// again), and normalized while still in cache. The dropout mask is never stored: it is the counter-based
+// hash of (seed, element index) defined in fusednorm/backends/reference_variants.py, computed bit-exactly
+// here, so forward and backward (and every backend) agree. The backward keeps dW/dB partial sums per
+// block of rows (one block per thread) and reduces them in block order: deterministic for a fixed thread
+// count.
+//
+// One build of this file (no AVX2 twin): the inner loops use ATen's Vectorized at the baseline ISA; the
+// dtype conversions are scalar loops. It depends only on ATen and welford.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "welford.h"
+
+namespace fusednorm {
+namespace cpu {
+namespace variants {
+
+// Self-contained helpers (this file depends only on ATen and welford.h, not on the other kernels' headers).
+using at::vec::Vectorized;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_type = typename AccOf<T>::type;
+
+constexpr int64_t kChunk = 2048;  // statistics chunk: stays in L1 between the two steps
+
+template <typename T, typename A>
+inline void to_acc(const T* src, A* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(dst, src, sizeof(A) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+  }
+}
+
+template <typename T, typename A>
+inline void from_acc(const A* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    std::memcpy(dst, src, sizeof(A) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// src itself when T == A, else a converted copy in buf.
+template <typename T, typename A>
+inline const A* acc_view(const T* src, A* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    return src;
+  } else {
+    to_acc(src, buf, n);
+    return buf;
+  }
+}
+
+template <typename A>
+inline A horizontal_sum(const Vectorized<A>& v) {
+  A tmp[Vectorized<A>::size()];
+  v.store(tmp);
+  A s = 0;
+  for (int64_t k = 0; k < Vectorized<A>::size(); ++k) s += tmp[k];
+  return s;
+}
+
+// sum((p - c)^2) in a fixed order (bit-identical run to run).
+template <typename A>
+inline A vsum_sqdev(const A* p, int64_t n, A c) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const V vc(c);
+  V acc(A(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V d = V::loadu(p + i) - vc;
+    acc = at::vec::fmadd(d, d, acc);
+  }
+  A s = horizontal_sum(acc);
+  for (; i < n; ++i) s += (p[i] - c) * (p[i] - c);
+  return s;
+}
+
+template <typename A>
+inline A vsum(const A* p, int64_t n) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  V acc(A(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc += V::loadu(p + i);
+  A s = horizontal_sum(acc);
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// Exact two-step statistics per L1 chunk, chunks merged with Chan's formula (never E[x^2] - E[x]^2).
+template <typename A>
+inline Welford<A, int64_t> stats_acc(const A* p, int64_t n) {
+  Welford<A, int64_t> s = welford_empty<A, int64_t>();
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t len = std::min(kChunk, n - off);
+    const A mean = vsum(p + off, len) / A(len);
+    s = welford_merge(s, Welford<A, int64_t>{len, mean, vsum_sqdev(p + off, len, mean)});
+  }
+  return s;
+}
+
+inline std::pair<int64_t, int64_t> block_range(int64_t rows, int64_t blocks, int64_t b) {
+  const int64_t base = rows / blocks, extra = rows % blocks;
+  const int64_t begin = b * base + std::min(b, extra);
+  return {begin, begin + base + (b < extra ? 1 : 0)};
+}
+
+// One partial-sum block per thread (at most one per row): bit-identical results for a fixed thread count.
+inline int64_t num_blocks(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+}
+
+inline at::Tensor param_acc(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  return p->to(acc).contiguous();
+}
+
+inline at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+constexpr const char* kAddNormFwd =
+    "add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool is_rms, "
+    "bool has_dropout, float drop_scale, int seed, int threshold, ScalarType s_dtype) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
+constexpr const char* kAddNormBwd =
+    "add_norm_bwd(Tensor dy, Tensor? ds, Tensor s, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
+    "bool is_rms, bool has_dropout, float drop_scale, int seed, int threshold, ScalarType x_dtype, "
+    "bool has_residual, ScalarType residual_dtype) -> (Tensor, Tensor, Tensor, Tensor)";
+
+// ---- counter-based dropout hash (bit-exact twin of reference_variants.dropout_keep_mask) ---------------
+
+inline uint32_t hash32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x846CA68Bu;
+  h ^= h >> 16;
+  return h;
+}
+
+// Per-row key: depends on the high 32 bits of the element index only, so it is hoisted out of inner loops
+// whenever a row does not straddle a 2^32 boundary (checked by the caller through key_for()).
+inline uint32_t key_for(uint64_t idx, uint32_t seed) { return hash32(hash32(uint32_t(idx >> 32)) ^ seed); }
+
+inline bool keep_elem(uint64_t idx, uint32_t seed, uint32_t threshold) {
+  const uint32_t k = key_for(idx, seed);
+  const uint32_t h = hash32(hash32(uint32_t(idx) ^ k) + k);
+  return (h >> 8) >= threshold;
+}
+
+// dst[j] = keep(row * n + j) ? src[j] * scale : 0, in place on an acc-type buffer.
+template <typename A>
+inline void apply_dropout(A* buf, int64_t row, int64_t n, uint32_t seed, uint32_t threshold, A scale) {
+  const uint64_t base = uint64_t(row) * uint64_t(n);
+  const uint64_t end = base + uint64_t(n);
+  if ((base >> 32) == ((end - 1) >> 32)) {
+    const uint32_t k = key_for(base, seed);
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t h = hash32(hash32(uint32_t(base + uint64_t(j)) ^ k) + k);
+      buf[j] = (h >> 8) >= threshold ? buf[j] * scale : A(0);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) buf[j] = keep_elem(base + uint64_t(j), seed, threshold) ? buf[j] * scale : A(0);
+  }
+}
+
+// ---- forward -------------------------------------------------------------------------------------------
+
+template <typename T, typename S>
+void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::Tensor& w, const at::Tensor& b,
+                         double eps, bool is_rms, bool has_dropout, double drop_scale, uint32_t seed,
+                         uint32_t threshold, at::Tensor& y, at::Tensor& s, at::Tensor& mean, at::Tensor& rstd) {
+  using A = acc_type<S>;
+  static_assert(std::is_same_v<acc_type<T>, A> || std::is_same_v<A, double>, "acc type of x must fit s's");
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0);
+  const int64_t ldr = res.defined() ? res.stride(0) : 0;
+  const T* xp = x.data_ptr<T>();
+  const S* rp = res.defined() ? res.data_ptr<S>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  S* sp = s.data_ptr<S>();
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+  A* meanp = is_rms ? nullptr : mean.data_ptr<A>();
+  A* rstdp = rstd.data_ptr<A>();
+  const A scale = A(drop_scale);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<A> a(N), tmp(N);
+    for (int64_t r = r0; r < r1; ++r) {
+      // s = dropout(x) + residual in acc precision
+      to_acc(xp + r * ldx, a.data(), N);
+      if (has_dropout) apply_dropout(a.data(), r, N, seed, threshold, scale);
+      if (rp != nullptr) {
+        const A* ra = acc_view(rp + r * ldr, tmp.data(), N);
+        for (int64_t j = 0; j < N; ++j) a[j] += ra[j];
+      }
+      // store s, and continue from the rounded values (no-op when S is the acc type)
+      if constexpr (std::is_same_v<S, A>) {
+        std::memcpy(sp + r * N, a.data(), sizeof(A) * N);
+      } else {
+        from_acc(a.data(), sp + r * N, N);
+        to_acc(sp + r * N, a.data(), N);
+      }
+      A mu = 0, rs;
+      if (is_rms) {
+        A ss = 0;
+        for (int64_t off = 0; off < N; off += kChunk) ss += vsum_sqdev(a.data() + off, std::min(kChunk, N - off), A(0));
+        rs = A(1) / std::sqrt(ss / A(N) + A(eps));
+      } else {
+        const auto st = stats_acc(a.data(), N);
+        mu = st.mean;  // N > 0 here
+        rs = A(1) / std::sqrt(st.m2 / A(N) + A(eps));
+        meanp[r] = mu;
+      }
+      rstdp[r] = rs;
+      const V vmu(mu), vrs(rs);
+      for (int64_t j = 0; j < N; j += W) {
+        const int64_t cnt = std::min<int64_t>(W, N - j);
+        V v = (V::loadu(a.data() + j, cnt) - vmu) * vrs;
+        if (wp) v = v * V::loadu(wp + j, cnt);
+        if (bp) v = v + V::loadu(bp + j, cnt);
+        v.store(tmp.data() + j, cnt);
+      }
+      if constexpr (std::is_same_v<T, A>) {
+        std::memcpy(yp + r * N, tmp.data(), sizeof(A) * N);
+      } else if constexpr (std::is_same_v<T, float> && std::is_same_v<A, double>) {
+        for (int64_t j = 0; j < N; ++j) yp[r * N + j] = static_cast<T>(tmp[j]);
+      } else {
+        from_acc(tmp.data(), yp + r * N, N);
+      }
+    }
+  });
+}
+
+// ---- backward ------------------------------------------------------------------------------------------
+
+template <typename T, typename S>
+void add_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& ds, const at::Tensor& s, const at::Tensor& w,
+                         bool has_b, const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, bool has_dropout,
+                         double drop_scale, uint32_t seed, uint32_t threshold, at::Tensor& dx, at::Tensor& dres,
+                         at::Tensor& dw_acc, at::Tensor& db_acc) {
+  using A = acc_type<S>;
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const int64_t M = s.size(0), N = s.size(1);
+  const int64_t lddy = dy.stride(0), ldds = ds.defined() ? ds.stride(0) : 0;
+  const T* dyp = dy.data_ptr<T>();
+  const S* dsp = ds.defined() ? ds.data_ptr<S>() : nullptr;
+  const S* sp = s.data_ptr<S>();
+  T* dxp = dx.data_ptr<T>();
+  S* drp = dres.defined() ? dres.data_ptr<S>() : nullptr;
+  const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+  const A* meanp = is_rms ? nullptr : mean.data_ptr<A>();
+  const A* rstdp = rstd.data_ptr<A>();
+  const bool need_dw = dw_acc.defined(), need_db = db_acc.defined() && has_b;
+  const int64_t blocks = num_blocks(M);
+  std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
+  const A inv_n = A(1) / A(N), scale = A(drop_scale);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<A> sbuf(N), dybuf(N), out(N);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const auto [r0, r1] = block_range(M, blocks, blk);
+      A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
+      A* dbr = need_db ? pdb.data() + blk * N : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const A* as = acc_view(sp + r * N, sbuf.data(), N);
+        to_acc(dyp + r * lddy, dybuf.data(), N);
+        const A* ady = dybuf.data();
+        const A mu = is_rms ? A(0) : meanp[r];
+        const A rs = rstdp[r];
+        const V vmu(mu), vrs(rs);
+        V s1(A(0)), s2(A(0));
+        for (int64_t j = 0; j < N; j += W) {
+          const int64_t cnt = std::min<int64_t>(W, N - j);
+          const V xh = (V::loadu(as + j, cnt) - vmu) * vrs;
+          const V d = V::loadu(ady + j, cnt);
+          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
+          s1 = at::vec::fmadd(g, xh, s1);
+          s2 = s2 + g;
+          if (dwr) at::vec::fmadd(d, xh, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
+          if (dbr) (V::loadu(dbr + j, cnt) + d).store(dbr + j, cnt);
+        }
+        const A c1 = horizontal_sum(s1) * inv_n;
+        const A c2 = is_rms ? A(0) : horizontal_sum(s2) * inv_n;
+        const V vc1(c1), vc2(c2);
+        for (int64_t j = 0; j < N; j += W) {
+          const int64_t cnt = std::min<int64_t>(W, N - j);
+          const V xh = (V::loadu(as + j, cnt) - vmu) * vrs;
+          const V d = V::loadu(ady + j, cnt);
+          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
+          ((g - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(out.data() + j, cnt);
+        }
+        if (dsp != nullptr) {
+          const A* ads = acc_view(dsp + r * ldds, sbuf.data(), N);  // s is no longer needed
+          for (int64_t j = 0; j < N; ++j) out[j] += ads[j];
+        }
+        if (drp != nullptr) {
+          if constexpr (std::is_same_v<S, A>) {
+            std::memcpy(drp + r * N, out.data(), sizeof(A) * N);
+          } else {
+            from_acc(out.data(), drp + r * N, N);
+          }
+        }
+        if (has_dropout) apply_dropout(out.data(), r, N, seed, threshold, scale);
+        if constexpr (std::is_same_v<T, A>) {
+          std::memcpy(dxp + r * N, out.data(), sizeof(A) * N);
+        } else if constexpr (std::is_same_v<T, float> && std::is_same_v<A, double>) {
+          for (int64_t j = 0; j < N; ++j) dxp[r * N + j] = static_cast<T>(out[j]);
+        } else {
+          from_acc(out.data(), dxp + r * N, N);
+        }
+      }
+    }
+  });
+  if (need_dw || need_db) {
+    A* dwo = need_dw ? dw_acc.data_ptr<A>() : nullptr;
+    A* dbo = need_db ? db_acc.data_ptr<A>() : nullptr;
+    at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        A sw = 0, sb = 0;
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          if (dwo) sw += pdw[blk * N + j];
+          if (dbo) sb += pdb[blk * N + j];
+        }
+        if (dwo) dwo[j] = sw;
+        if (dbo) dbo[j] = sb;
+      }
+    });
+  }
+}
+
+// ---- dtype dispatch ------------------------------------------------------------------------------------
+
+// Calls fn.template operator()<T>() for the storage type T of `t` (float, double, bf16, half).
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kDouble: fn(double{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    default: TORCH_CHECK(false, "fusednorm_C: unsupported dtype ", t);
+  }
+}
+
+// x's dtype T and s's dtype S must be (T, T) or (16-bit/float T, float S); any other pair is brought to
+// (S, S) by converting x (and converting y / dx back), a copy only in that unusual case.
+inline bool supported_pair(at::ScalarType t, at::ScalarType s) {
+  return t == s || (s == at::kFloat && t != at::kDouble);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, bool is_rms, bool has_dropout, double drop_scale, int64_t seed,
+    int64_t threshold, at::ScalarType s_dtype) {
+  TORCH_CHECK(x_in.dim() == 2, "fusednorm_C::add_norm_fwd: x must be 2-D (M, N)");
+  const auto x_dtype = x_in.scalar_type();
+  at::Tensor x = x_in.size(1) <= 1 || x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  if (!supported_pair(x_dtype, s_dtype)) x = x.to(s_dtype);
+  at::Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    res = residual->to(s_dtype);
+    if (res.size(1) > 1 && res.stride(1) != 1) res = res.contiguous();
+  }
+  const auto acc = acc_scalar_type(s_dtype);
+  const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
+  const int64_t M = x.size(0), N = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor s = at::empty({M, N}, x.options().dtype(s_dtype));
+  at::Tensor mean = at::empty({is_rms ? 0 : M}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({M}, x.options().dtype(acc));
+  if (M > 0 && N > 0) {
+    dispatch_float(x.scalar_type(), [&](auto tv) {
+      using T = decltype(tv);
+      dispatch_float(s_dtype, [&](auto sv) {
+        using S = decltype(sv);
+        if constexpr (std::is_same_v<T, S> || (std::is_same_v<S, float> && !std::is_same_v<T, double>)) {
+          add_norm_fwd_kernel<T, S>(x, res, w, b, eps, is_rms, has_dropout, drop_scale, uint32_t(seed),
+                                    uint32_t(threshold), y, s, mean, rstd);
+        }
+      });
+    });
+  }
+  if (y.scalar_type() != x_dtype) y = y.to(x_dtype);
+  return {y, s, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd(
+    const at::Tensor& dy_in, const c10::optional<at::Tensor>& ds_in, const at::Tensor& s_in,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& rstd, bool is_rms, bool has_dropout, double drop_scale, int64_t seed, int64_t threshold,
+    at::ScalarType x_dtype, bool has_residual, at::ScalarType residual_dtype) {
+  TORCH_CHECK(s_in.dim() == 2 && dy_in.sizes() == s_in.sizes(), "fusednorm_C::add_norm_bwd: dy and s must be (M, N)");
+  const auto s_dtype = s_in.scalar_type();
+  const auto t_dtype = supported_pair(x_dtype, s_dtype) ? x_dtype : s_dtype;
+  const at::Tensor s = s_in.contiguous();
+  at::Tensor dy = dy_in.to(t_dtype);
+  if (dy.size(1) > 1 && dy.stride(1) != 1) dy = dy.contiguous();
+  at::Tensor ds;
+  if (ds_in.has_value() && ds_in->defined()) {
+    ds = ds_in->to(s_dtype);
+    if (ds.size(1) > 1 && ds.stride(1) != 1) ds = ds.contiguous();
+  }
+  const auto acc = acc_scalar_type(s_dtype);
+  const at::Tensor w = param_acc(weight, acc);
+  const bool has_w = w.defined(), has_b = bias.has_value() && bias->defined();
+  const at::Tensor meanc = mean.to(acc).contiguous(), rstdc = rstd.to(acc).contiguous();
+  const int64_t M = s.size(0), N = s.size(1);
+  at::Tensor dx = at::empty({M, N}, s.options().dtype(t_dtype));
+  at::Tensor dres = has_residual ? at::empty({M, N}, s.options()) : at::Tensor();
+  at::Tensor dw_acc = has_w ? at::zeros({N}, s.options().dtype(acc)) : at::Tensor();
+  at::Tensor db_acc = has_b ? at::zeros({N}, s.options().dtype(acc)) : at::Tensor();
+  if (M > 0 && N > 0) {
+    dispatch_float(t_dtype, [&](auto tv) {
+      using T = decltype(tv);
+      dispatch_float(s_dtype, [&](auto sv) {
+        using S = decltype(sv);
+        if constexpr (std::is_same_v<T, S> || (std::is_same_v<S, float> && !std::is_same_v<T, double>)) {
+          add_norm_bwd_kernel<T, S>(dy, ds, s, w, has_b, meanc, rstdc, is_rms, has_dropout, drop_scale,
+                                    uint32_t(seed), uint32_t(threshold), dx, dres, dw_acc, db_acc);
+        }
+      });
+    });
+  }
+  if (dx.scalar_type() != x_dtype) dx = dx.to(x_dtype);
+  if (has_residual && dres.scalar_type() != residual_dtype) dres = dres.to(residual_dtype);
+  at::Tensor empty = at::empty({0}, s.options().dtype(x_dtype));
+  return {dx, has_residual ? dres : empty, has_w ? dw_acc.to(weight->scalar_type()) : empty,
+          has_b ? db_acc.to(bias->scalar_type()) : empty};
+}
+
+}  // namespace variants
+}  // namespace cpu
+}  // namespace fusednorm
+
+TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
+  m.def(fusednorm::cpu::variants::kAddNormFwd);
+  m.def(fusednorm::cpu::variants::kAddNormBwd);
+}
+
+TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
+  m.impl("add_norm_fwd", &fusednorm::cpu::variants::add_norm_fwd);
+  m.impl("add_norm_bwd", &fusednorm::cpu::variants::add_norm_bwd);
+}
