@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     meth = p.add_argument_group("method")
     meth.add_argument("--warmup-ms", type=float, default=None, help="warm-up per provider and case (25 ms)")
     meth.add_argument("--rep-ms", type=float, default=None,
-                      help="sampled time per provider and case (CPU 150 ms, GPU 100 ms)")
+                      help="sampled time per provider and case (100 ms)")
     meth.add_argument("--rounds", type=int, default=2, help="interleaved sampling rounds across providers (2)")
     meth.add_argument("--no-check", action="store_true", help="skip the correctness check (not recommended)")
     meth.add_argument("--check-numel", type=int, default=None,
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
 
     from fusednorm.bench import report
     from fusednorm.bench.runner import FAILED, RunConfig, run_case
-    from fusednorm.bench.timing import Timer, copy_bandwidth
+    from fusednorm.bench.timing import Timer, copy_bandwidth, warm_up_device
 
     # torch warns once per mixed-dtype call that it cannot use its fused path; that is the case being measured
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
@@ -184,8 +184,9 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
     timer = Timer(
         device,
         warmup_ms=args.warmup_ms if args.warmup_ms is not None else 25.0,
-        rep_ms=args.rep_ms if args.rep_ms is not None else (150.0 if cpu else 100.0),
+        rep_ms=args.rep_ms if args.rep_ms is not None else 100.0,
     )
+    warm_up_device(device)
     copy_gbps, copy_bytes = copy_bandwidth(device, timer)
     cfg = RunConfig(
         device=device, timer=timer, copy_gbps=copy_gbps, check=not args.no_check,

@@ -172,6 +172,21 @@ class Timer:
         return summarize(self.samples(fns, self.reps_for(est)))
 
 
+def warm_up_device(device: torch.device, seconds: float = 1.0) -> None:
+    """Keep the device busy with a parallel op for ``seconds`` before anything is measured.
+
+    On CPU the first parallel regions of a process can be orders of magnitude slower than later ones (thread
+    pool start-up, frequency ramp, and on a loaded machine a worker thread waiting for a core); on GPU the
+    clocks ramp up. Measuring only after this keeps the first case and the copy bandwidth honest.
+    """
+    a = torch.ones(2**20, device=device)
+    b = torch.empty_like(a)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        torch.mul(a, 1.0001, out=b)
+        synchronize(device)
+
+
 def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int | None = None) -> tuple[float, int]:
     """GB/s of a large device-to-same-device tensor copy (read + write counted), and the copy size used.
 
