@@ -31,8 +31,8 @@ void bn_stats_kernel(const at::Tensor& x, Layout layout, at::Tensor& mean, at::T
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / C, c = p % C;
         const auto st = stats_contig(xp + p * HW, HW, buf.data());
-        pm[c * N + n] = st.mean;
-        pm2[c * N + n] = st.m2;
+        pm[c * N + n] = st.mean();
+        pm2[c * N + n] = st.w.m2;
       }
     });
     at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
@@ -82,7 +82,7 @@ void bn_apply_kernel(const at::Tensor& x, Layout layout, const at::Tensor& mean,
   if (layout == Layout::kNCHW) {
     nchw_map<T, A>(xp, nullptr, yp, N * C, HW, [&](int64_t p, const A* a, const A*, A* o, int64_t len) {
       const int64_t c = p % C;
-      affine_span(a, o, len, mu[c], sc[c], sh[c], false);
+      affine_span(a, o, len, mu[c], A(0), sc[c], sh[c], false);
     });
   } else {
     nhwc_map<T, A>(xp, nullptr, yp, N * HW, C, [&](int64_t, const A* a, const A*, A* o) {

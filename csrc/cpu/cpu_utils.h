@@ -154,30 +154,84 @@ inline A vsum_sqdev(const A* p, int64_t n, A c) {
   return s;
 }
 
-// Exact two-step statistics of an acc-type array, chunked so each chunk is re-read from L1; chunk
-// partials are merged with Chan's formula.
+// Statistics of a span relative to a shift: `w.mean` is the mean of (x - shift), `w.m2` the centred sum of
+// squares. The shift is the span's first element, so when |mean| >> std the partial sums stay small and
+// the mean keeps bits that rounding mean itself to the input's magnitude would lose; the normalize pass
+// then computes (x - shift) - w.mean, which is exact-ish for such data (Sterbenz).
 template <typename A>
-inline Welford<A, int64_t> stats_acc(const A* p, int64_t n) {
-  Welford<A, int64_t> s = welford_empty<A, int64_t>();
+struct ShiftedStats {
+  A shift;
+  Welford<A, int64_t> w;
+  A mean() const { return shift + w.mean; }
+};
+
+// sum(p - k)
+template <typename A>
+inline A vsum_shifted(const A* p, int64_t n, A k) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const V vk(k);
+  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 += V::loadu(p + i) - vk;
+    a1 += V::loadu(p + i + W) - vk;
+    a2 += V::loadu(p + i + 2 * W) - vk;
+    a3 += V::loadu(p + i + 3 * W) - vk;
+  }
+  for (; i + W <= n; i += W) a0 += V::loadu(p + i) - vk;
+  A s = horizontal_sum((a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += p[i] - k;
+  return s;
+}
+
+// sum(((p - k) - d)^2)
+template <typename A>
+inline A vsum_sqdev2(const A* p, int64_t n, A k, A d) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const V vk(k), vd(d);
+  V a0(A(0)), a1(A(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const V d0 = (V::loadu(p + i) - vk) - vd, d1 = (V::loadu(p + i + W) - vk) - vd;
+    a0 = at::vec::fmadd(d0, d0, a0);
+    a1 = at::vec::fmadd(d1, d1, a1);
+  }
+  for (; i + W <= n; i += W) {
+    const V d0 = (V::loadu(p + i) - vk) - vd;
+    a0 = at::vec::fmadd(d0, d0, a0);
+  }
+  A s = horizontal_sum(a0 + a1);
+  for (; i < n; ++i) s += ((p[i] - k) - d) * ((p[i] - k) - d);
+  return s;
+}
+
+// Exact two-step statistics of one chunk (re-read from L1), relative to shift k.
+template <typename A>
+inline Welford<A, int64_t> chunk_stats(const A* a, int64_t len, A k) {
+  const A d = vsum_shifted(a, len, k) / A(len);
+  return welford_from_chunk<A, int64_t>(len, d, vsum_sqdev2(a, len, k, d));
+}
+
+// Statistics of an acc-type array: L1-sized chunks, each exact two-step, Chan-merged in order.
+template <typename A>
+inline ShiftedStats<A> stats_acc(const A* p, int64_t n) {
+  ShiftedStats<A> s{n > 0 ? p[0] : A(0), welford_empty<A, int64_t>()};
   for (int64_t off = 0; off < n; off += kChunk) {
     const int64_t len = std::min(kChunk, n - off);
-    const A mean = vsum(p + off, len) / A(len);
-    const A m2 = vsum_sqdev(p + off, len, mean);
-    s = welford_merge(s, welford_from_chunk<A, int64_t>(len, mean, m2));
+    s.w = welford_merge(s.w, chunk_stats(p + off, len, s.shift));
   }
   return s;
 }
 
 // The same for storage-type data, converting chunk by chunk into buf (kChunk elements).
 template <typename T, typename A>
-inline Welford<A, int64_t> stats_contig(const T* p, int64_t n, A* buf) {
-  Welford<A, int64_t> s = welford_empty<A, int64_t>();
+inline ShiftedStats<A> stats_contig(const T* p, int64_t n, A* buf) {
+  ShiftedStats<A> s{n > 0 ? static_cast<A>(p[0]) : A(0), welford_empty<A, int64_t>()};
   for (int64_t off = 0; off < n; off += kChunk) {
     const int64_t len = std::min(kChunk, n - off);
-    const A* a = acc_view(p + off, buf, len);
-    const A mean = vsum(a, len) / A(len);
-    const A m2 = vsum_sqdev(a, len, mean);
-    s = welford_merge(s, welford_from_chunk<A, int64_t>(len, mean, m2));
+    s.w = welford_merge(s.w, chunk_stats(acc_view(p + off, buf, len), len, s.shift));
   }
   return s;
 }

@@ -43,9 +43,8 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
         const int64_t n = i / G, g = i % G;
         const int64_t base = (n * C + g * D) * HW;
         const auto st = stats_contig(xp + base, m, buf.data());
-        const A mu = m > 0 ? st.mean : A(NAN);
-        const A rs = A(1) / std::sqrt(st.m2 / A(m) + A(eps));
-        meanp[i] = mu;
+        const A rs = A(1) / std::sqrt(st.w.m2 / A(m) + A(eps));
+        meanp[i] = m > 0 ? st.mean() : A(NAN);
         rstdp[i] = rs;
         for (int64_t cc = 0; cc < D; ++cc) {
           const int64_t c = g * D + cc;
@@ -56,7 +55,7 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
             const int64_t pos = base + cc * HW + off;
             const A* a = acc_view(xp + pos, buf.data(), len);
             A* o = acc_out(yp + pos, buf.data());
-            affine_span(a, o, len, mu, scale, shift, silu);
+            affine_span(a, o, len, st.shift, st.w.mean, scale, shift, silu);
             if constexpr (!std::is_same_v<T, A>) from_acc(o, yp + pos, len);
           }
         }

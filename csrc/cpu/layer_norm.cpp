@@ -35,7 +35,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
     std::vector<A> buf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t r = r0; r < r1; ++r) {
       const A* a = acc_view(xp + r * ldx, buf.data(), N);
-      A mu = 0, rs;
+      A shift = 0, mu = 0, rs;  // y = ((x - shift) - mu) * rs
       if (is_rms) {
         // Sum of squares directly: there is no mean to cancel against.
         A ss = 0;
@@ -46,17 +46,17 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         rs = A(1) / std::sqrt(ss / A(N) + A(eps));
       } else {
         const auto st = stats_acc(a, N);
-        mu = N > 0 ? st.mean : A(NAN);
-        rs = A(1) / std::sqrt(st.m2 / A(N) + A(eps));
-        meanp[r] = mu;
+        shift = st.shift;
+        mu = st.w.mean;
+        rs = A(1) / std::sqrt(st.w.m2 / A(N) + A(eps));
+        meanp[r] = N > 0 ? st.mean() : A(NAN);
       }
       rstdp[r] = rs;
       A* out = acc_out(yp + r * N, buf.data());
-      const V vmu(mu), vrs(rs);
-      int64_t j = 0;
-      for (; j < N; j += W) {
+      const V vshift(shift), vmu(mu), vrs(rs);
+      for (int64_t j = 0; j < N; j += W) {
         const int64_t cnt = std::min<int64_t>(W, N - j);
-        V v = (V::loadu(a + j, cnt) - vmu) * vrs;
+        V v = ((V::loadu(a + j, cnt) - vshift) - vmu) * vrs;
         if (wp && bp) {
           v = at::vec::fmadd(v, V::loadu(wp + j, cnt), V::loadu(bp + j, cnt));
         } else if (wp) {

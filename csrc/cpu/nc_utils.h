@@ -73,24 +73,28 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
   constexpr int64_t W = V::size();
   const int64_t R = nhwc_rows_per_chunk(C);
   at::parallel_for(0, N * nblk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> buf(std::is_same_v<T, A> ? 0 : R * C), cmean(C), csq(C);
+    std::vector<A> buf(std::is_same_v<T, A> ? 0 : R * C), cmean(C), csq(C), ks(C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nblk, blk = t % nblk;
       const auto [h0, h1] = block_range(HW, nblk, blk);
-      A* mean = pmean + t * C;
+      A* mean = pmean + t * C;  // relative to ks until the end of the task
       A* m2 = pm2 + t * C;
       std::fill(mean, mean + C, A(0));
       std::fill(m2, m2 + C, A(0));
+      std::fill(ks.begin(), ks.end(), A(0));
       int64_t cnt = 0;
       for (int64_t c0 = h0; c0 < h1; c0 += R) {
         const int64_t rows = std::min(h1, c0 + R) - c0;
         const A* a = acc_view(x + (n * HW + c0) * C, buf.data(), rows * C);
+        // Shift each channel by its first value in this task (see ShiftedStats) to keep the sums small.
+        if (c0 == h0) std::copy(a, a + C, ks.begin());
         std::fill(cmean.begin(), cmean.end(), A(0));
         std::fill(csq.begin(), csq.end(), A(0));
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < C; j += W) {
             const int64_t k = std::min<int64_t>(W, C - j);
-            (V::loadu(cmean.data() + j, k) + V::loadu(a + r * C + j, k)).store(cmean.data() + j, k);
+            (V::loadu(cmean.data() + j, k) + (V::loadu(a + r * C + j, k) - V::loadu(ks.data() + j, k)))
+                .store(cmean.data() + j, k);
           }
         }
         const V inv(A(1) / A(rows));
@@ -101,7 +105,7 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < C; j += W) {
             const int64_t k = std::min<int64_t>(W, C - j);
-            const V d = V::loadu(a + r * C + j, k) - V::loadu(cmean.data() + j, k);
+            const V d = (V::loadu(a + r * C + j, k) - V::loadu(ks.data() + j, k)) - V::loadu(cmean.data() + j, k);
             at::vec::fmadd(d, d, V::loadu(csq.data() + j, k)).store(csq.data() + j, k);
           }
         }
@@ -115,6 +119,7 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
         }
         cnt += rows;
       }
+      for (int64_t c = 0; c < C; ++c) mean[c] += ks[c];
       pcount[t] = cnt;
     }
   });
@@ -147,21 +152,22 @@ void nhwc_channel_sums(const T* x, const T* dy, int64_t N, int64_t HW, int64_t C
   });
 }
 
-// o = act((a - mu) * scale + shift) over a span that shares one channel's coefficients.
+// o = act(((a - k) - mu) * scale + shift) over a span that shares one channel's coefficients
+// (k: the statistics' shift, see ShiftedStats; 0 when the mean is given in absolute terms).
 template <typename A>
-inline void affine_span(const A* a, A* o, int64_t len, A mu, A scale, A shift, bool silu) {
+inline void affine_span(const A* a, A* o, int64_t len, A k, A mu, A scale, A shift, bool silu) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
-  const V vmu(mu), vsc(scale), vsh(shift);
+  const V vk(k), vmu(mu), vsc(scale), vsh(shift);
   if (silu) {
     for (int64_t j = 0; j < len; j += W) {
-      const int64_t k = std::min<int64_t>(W, len - j);
-      vsilu(at::vec::fmadd(V::loadu(a + j, k) - vmu, vsc, vsh)).store(o + j, k);
+      const int64_t n = std::min<int64_t>(W, len - j);
+      vsilu(at::vec::fmadd((V::loadu(a + j, n) - vk) - vmu, vsc, vsh)).store(o + j, n);
     }
   } else {
     for (int64_t j = 0; j < len; j += W) {
-      const int64_t k = std::min<int64_t>(W, len - j);
-      at::vec::fmadd(V::loadu(a + j, k) - vmu, vsc, vsh).store(o + j, k);
+      const int64_t n = std::min<int64_t>(W, len - j);
+      at::vec::fmadd((V::loadu(a + j, n) - vk) - vmu, vsc, vsh).store(o + j, n);
     }
   }
 }

@@ -1,0 +1,518 @@
+"""The native CPU backend (fusednorm._C via fusednorm.backends.native) against float64, torch and the reference.
+
+Every op of the backend contract is checked for fp32/fp16/bf16/fp64 and bf16/fp16 input with fp32 parameters,
+odd sizes, strided rows (LayerNorm), NCHW and channels_last 4-D / 5-D (GroupNorm, BatchNorm), with and without
+affine parameters and SiLU, and zero-size inputs. The error against a float64 computation must be at most 2x
+the error of torch's own same-dtype op (and 2x the reference backend's) plus a small atol. Also: bit-identical
+repeat runs, torch.library.opcheck on every fusednorm_C op, gradcheck in float64, and both CPU instruction-set
+copies (AVX2 and baseline) of the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusednorm
+from fusednorm.backends import reference as ref
+from tests.oracle import ATOL, DTYPE_PAIRS, assert_close
+
+try:
+    from fusednorm.backends import native as nat
+except ImportError as _exc:  # the extension was not built (FUSEDNORM_NO_EXTENSION=1 or a failed build)
+    pytest.skip(f"fusednorm._C is not built: {_exc}", allow_module_level=True)
+
+ALL_PAIRS = [*DTYPE_PAIRS, (torch.float64, torch.float64)]
+
+
+def _ids(pairs):
+    return [f"{str(a).split('.')[-1]}-{str(b).split('.')[-1]}" for a, b in pairs]
+
+
+def check(name, ours, ref64, torch_out, ref_out):
+    """ours vs float64: within 2x torch's same-dtype error and 2x the reference backend's error (+ atol)."""
+    if ours is None or ref64 is None:
+        assert ours is None and ref64 is None, f"{name}: presence mismatch"
+        return
+    if torch_out is not None:
+        assert_close(ours, ref64, torch_out.to(ours.dtype), name + " (vs torch)")
+    assert_close(ours, ref64, ref_out, name + " (vs reference)")
+
+
+def _poison(t):
+    return t.fill_(float("nan")) if t.numel() else t
+
+
+def _params(n, pdtype, affine, bias=True):
+    if not affine:
+        return None, None
+    w = torch.randn(n, dtype=pdtype) + 1.0
+    b = torch.randn(n, dtype=pdtype) if bias else None
+    return w, b
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+# ---- LayerNorm / RMSNorm -------------------------------------------------------------------------------
+
+
+def _torch_ln(x, w, b, eps, is_rms):
+    """torch's own op in x's dtype (parameters cast to it), with autograd."""
+    wc = None if w is None else w.detach().to(x.dtype).requires_grad_()
+    bc = None if b is None else b.detach().to(x.dtype).requires_grad_()
+    xc = x.detach().clone().requires_grad_()
+    if is_rms:
+        y = F.rms_norm(xc, (x.shape[1],), wc, eps)
+    else:
+        y = F.layer_norm(xc, (x.shape[1],), wc, bc, eps)
+    return y, xc, wc, bc
+
+
+@pytest.mark.parametrize("xdtype,pdtype", ALL_PAIRS, ids=_ids(ALL_PAIRS))
+@pytest.mark.parametrize("is_rms", [False, True], ids=["ln", "rms"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape", [(37, 515), (5, 4099), (3, 1)])
+def test_layer_norm(xdtype, pdtype, is_rms, affine, shape):
+    m, n = shape
+    eps = 1e-5
+    # Strided rows: a view into a wider buffer (row stride n + 7), offset by a mean to test cancellation.
+    big = torch.randn(m, n + 7, dtype=torch.float64) * 2 + 3
+    x = big.to(xdtype)[:, 3 : 3 + n]
+    assert x.stride(0) == n + 7
+    w, b = _params(n, pdtype, affine, bias=not is_rms)
+    y, mean, rstd = nat.layer_norm_fwd(x, w, b, eps, is_rms)
+    y64, mean64, rstd64 = ref.layer_norm_fwd(x.double(), _d(w), _d(b), eps, is_rms)
+    yr, meanr, rstdr = ref.layer_norm_fwd(x, w, b, eps, is_rms)
+    yt, xt, wt, bt = _torch_ln(x, w, b, eps, is_rms)
+    assert y.dtype == xdtype and y.is_contiguous() and rstd.dtype == ref.acc_dtype(xdtype)
+    check("y", y, y64, yt, yr)
+    check("rstd", rstd, rstd64, None, rstdr)
+    if is_rms:
+        assert mean.numel() == 0
+    else:
+        check("mean", mean, mean64, None, meanr)
+
+    dy = torch.randn(m, n + 5, dtype=xdtype)[:, :n]  # strided dy too
+    dx, dw, db = nat.layer_norm_bwd(dy, x, w, b, mean, rstd, is_rms)
+    dx64, dw64, db64 = ref.layer_norm_bwd(dy.double(), x.double(), _d(w), _d(b), mean64, rstd64, is_rms)
+    dxr, dwr, dbr = ref.layer_norm_bwd(dy, x, w, b, meanr, rstdr, is_rms)
+    yt.backward(dy)
+    check("dx", dx, dx64, xt.grad, dxr)
+    check("dw", dw, None if w is None else dw64.to(torch.float64), None if wt is None else wt.grad, dwr)
+    check("db", db, None if b is None else db64, None if bt is None else bt.grad, dbr)
+    if w is not None:
+        assert dw.dtype == pdtype
+    if b is not None:
+        assert db.dtype == pdtype
+
+
+def test_layer_norm_large_mean_and_long_rows():
+    """|mean| >> std (E[x^2]-E[x]^2 would lose everything) and a row longer than one chunk."""
+    x = (1e4 + torch.randn(4, 70001, dtype=torch.float64)).float()
+    y, mean, rstd = nat.layer_norm_fwd(x, None, None, 1e-5, False)
+    y64, mean64, rstd64 = ref.layer_norm_fwd(x.double(), None, None, 1e-5, False)
+    check("y", y, y64, F.layer_norm(x, (x.shape[1],)), ref.layer_norm_fwd(x, None, None, 1e-5, False)[0])
+    assert torch.allclose(rstd.double(), rstd64, rtol=1e-4)
+
+
+def test_layer_norm_zero_size_and_constant_rows():
+    x = torch.empty(0, 33)
+    y, mean, rstd = nat.layer_norm_fwd(x, torch.randn(33), torch.randn(33), 1e-5, False)
+    assert y.shape == (0, 33) and mean.shape == (0,) and rstd.shape == (0,)
+    dx, dw, db = nat.layer_norm_bwd(torch.empty(0, 33), x, torch.randn(33), torch.randn(33), mean, rstd, False)
+    assert dx.shape == (0, 33) and torch.equal(dw, torch.zeros(33)) and torch.equal(db, torch.zeros(33))
+    c = torch.full((3, 17), 2.5)
+    y, _, _ = nat.layer_norm_fwd(c, None, None, 1e-5, False)
+    assert torch.isfinite(y).all() and torch.equal(y, torch.zeros_like(y))
+
+
+# ---- GroupNorm -----------------------------------------------------------------------------------------
+
+GN_SHAPES = [
+    ((3, 12, 7, 9), 4, "nchw"),
+    ((3, 12, 7, 9), 4, "cl"),
+    ((2, 6, 3, 5, 4), 3, "cl3d"),
+    ((2, 6, 3, 5, 4), 6, "nchw"),  # InstanceNorm: num_groups == C
+    ((2, 10, 129), 5, "nchw"),  # 3-D input
+]
+
+
+def _fmt(x, fmt):
+    if fmt == "cl":
+        return x.to(memory_format=torch.channels_last)
+    if fmt == "cl3d":
+        return x.to(memory_format=torch.channels_last_3d)
+    return x.contiguous()
+
+
+def _torch_gn(x, w, b, g, eps, act):
+    wc = None if w is None else w.detach().to(x.dtype).requires_grad_()
+    bc = None if b is None else b.detach().to(x.dtype).requires_grad_()
+    xc = x.detach().clone().requires_grad_()
+    y = F.group_norm(xc, g, wc, bc, eps)
+    if act == "silu":
+        y = F.silu(y)
+    return y, xc, wc, bc
+
+
+@pytest.mark.parametrize("xdtype,pdtype", ALL_PAIRS, ids=_ids(ALL_PAIRS))
+@pytest.mark.parametrize("shape,groups,fmt", GN_SHAPES, ids=[f"{s}-{g}-{f}" for s, g, f in GN_SHAPES])
+@pytest.mark.parametrize("act", ["none", "silu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_group_norm(xdtype, pdtype, shape, groups, fmt, act, affine):
+    _run_group_norm(xdtype, pdtype, shape, groups, fmt, act, affine)
+
+
+@pytest.mark.parametrize("xdtype,pdtype", DTYPE_PAIRS, ids=_ids(DTYPE_PAIRS))
+@pytest.mark.parametrize("act", ["none", "silu"])
+def test_group_norm_large_nhwc(xdtype, pdtype, act):
+    """Several NHWC chunks and blocks per sample (the small shapes fit in one)."""
+    _run_group_norm(xdtype, pdtype, (2, 40, 50, 50), 8, "cl", act, True)
+
+
+def _run_group_norm(xdtype, pdtype, shape, groups, fmt, act, affine):
+    eps = 1e-5
+    c = shape[1]
+    x = _fmt((torch.randn(shape, dtype=torch.float64) * 1.5 + 2).to(xdtype), fmt)
+    w, b = _params(c, pdtype, affine)
+    y, mean, rstd = nat.group_norm_fwd(x, w, b, groups, eps, act)
+    y64, mean64, rstd64 = ref.group_norm_fwd(x.double(), _d(w), _d(b), groups, eps, act)
+    yr, meanr, rstdr = ref.group_norm_fwd(x, w, b, groups, eps, act)
+    yt, xt, wt, bt = _torch_gn(x, w, b, groups, eps, act)
+    assert y.dtype == xdtype and y.stride() == yr.stride(), "output must keep x's dtype and memory format"
+    check("y", y, y64, yt, yr)
+    check("mean", mean, mean64, None, meanr)
+    check("rstd", rstd, rstd64, None, rstdr)
+
+    dy = _fmt(torch.randn(shape, dtype=xdtype), fmt)
+    dx, dw, db = nat.group_norm_bwd(dy, x, w, b, mean, rstd, groups, act)
+    dx64, dw64, db64 = ref.group_norm_bwd(dy.double(), x.double(), _d(w), _d(b), mean64, rstd64, groups, act)
+    dxr, dwr, dbr = ref.group_norm_bwd(dy, x, w, b, meanr, rstdr, groups, act)
+    yt.backward(dy)
+    assert dx.stride() == dxr.stride()
+    check("dx", dx, dx64, xt.grad, dxr)
+    check("dw", dw, dw64, None if wt is None else wt.grad, dwr)
+    check("db", db, db64, None if bt is None else bt.grad, dbr)
+
+
+def test_group_norm_dy_in_other_layout_and_zero_size():
+    x = torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last)
+    w, b = torch.randn(8), torch.randn(8)
+    y, mean, rstd = nat.group_norm_fwd(x, w, b, 2, 1e-5, "silu")
+    dy = torch.randn(2, 8, 5, 6)  # NCHW dy for a channels_last x
+    got = nat.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
+    want = ref.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    z = torch.empty(0, 8, 3, 3)
+    y, mean, rstd = nat.group_norm_fwd(z, w, b, 4, 1e-5, "none")
+    assert y.shape == z.shape and mean.shape == (0, 4)
+    dx, dw, db = nat.group_norm_bwd(z, z, w, b, mean, rstd, 4, "none")
+    assert dx.shape == z.shape and torch.equal(dw, torch.zeros(8)) and torch.equal(db, torch.zeros(8))
+
+
+def test_group_norm_large_mean():
+    x = (1e4 + torch.randn(2, 8, 33, 31, dtype=torch.float64)).float()
+    for fmt in ("nchw", "cl"):
+        xf = _fmt(x, fmt)
+        _, mean, rstd = nat.group_norm_fwd(xf, None, None, 4, 1e-5, "none")
+        _, mean64, rstd64 = ref.group_norm_fwd(xf.double(), None, None, 4, 1e-5, "none")
+        assert torch.allclose(rstd.double(), rstd64, rtol=1e-4), fmt
+
+
+# ---- BatchNorm -----------------------------------------------------------------------------------------
+
+BN_SHAPES = [
+    ((5, 7, 9, 11), "nchw"),
+    ((5, 7, 9, 11), "cl"),
+    ((3, 10, 4, 5, 3), "cl3d"),
+    ((3, 10, 4, 5, 3), "nchw"),
+    ((33, 19), "nchw"),  # BatchNorm1d (N, C)
+    ((4, 16, 37), "nchw"),  # BatchNorm1d (N, C, L)
+    ((4, 64, 40, 40), "cl"),  # several NHWC chunks
+]
+
+
+def _torch_bn_train(x, w, b, eps):
+    wc = None if w is None else w.detach().to(x.dtype).requires_grad_()
+    bc = None if b is None else b.detach().to(x.dtype).requires_grad_()
+    xc = x.detach().clone().requires_grad_()
+    y = F.batch_norm(xc, None, None, wc, bc, training=True, eps=eps)
+    return y, xc, wc, bc
+
+
+@pytest.mark.parametrize("xdtype,pdtype", ALL_PAIRS, ids=_ids(ALL_PAIRS))
+@pytest.mark.parametrize("shape,fmt", BN_SHAPES, ids=[f"{s}-{f}" for s, f in BN_SHAPES])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_batch_norm(xdtype, pdtype, shape, fmt, affine):
+    eps = 1e-5
+    c = shape[1]
+    x = _fmt((torch.randn(shape, dtype=torch.float64) * 2 + 3).to(xdtype), fmt)
+    w, b = _params(c, pdtype, affine)
+    count = x.numel() // c
+    mean, m2 = nat.batch_norm_stats(x)
+    mean64, m264 = ref.batch_norm_stats(x.double())
+    meanr, m2r = ref.batch_norm_stats(x)
+    dims = [0, *range(2, x.dim())]
+    var_t, mean_t = torch.var_mean(x, dims, correction=0)
+    check("mean", mean, mean64, mean_t, meanr)
+    check("m2", m2, m264, var_t.to(m2.dtype) * count, m2r)
+
+    rstd64 = torch.rsqrt(m264 / count + eps)
+    rstd = rstd64.to(mean.dtype)
+    y = nat.batch_norm_apply(x, mean64.to(mean.dtype), rstd, w, b)
+    y64 = ref.batch_norm_apply(x.double(), mean64, rstd64, _d(w), _d(b))
+    yr = ref.batch_norm_apply(x, mean64.to(mean.dtype), rstd, w, b)
+    yt, xt, wt, bt = _torch_bn_train(x, w, b, eps)
+    assert y.dtype == xdtype and y.stride() == yr.stride()
+    check("y", y, y64, yt, yr)
+
+    dy = _fmt(torch.randn(shape, dtype=xdtype), fmt)
+    s1, s2 = nat.batch_norm_bwd_reduce(dy, x, mean64.to(mean.dtype), rstd)
+    s164, s264 = ref.batch_norm_bwd_reduce(dy.double(), x.double(), mean64, rstd64)
+    s1r, s2r = ref.batch_norm_bwd_reduce(dy, x, mean64.to(mean.dtype), rstd)
+    yt.backward(dy)
+    check("sum_dy", s1, s164, None if bt is None else bt.grad, s1r)
+    check("sum_dy_xhat", s2, s264, None if wt is None else wt.grad, s2r)
+    for training in (True, False):
+        dx = nat.batch_norm_bwd_dx(dy, x, mean64.to(mean.dtype), rstd, w, s164.to(s1.dtype), s264.to(s2.dtype), count, training)
+        dx64 = ref.batch_norm_bwd_dx(dy.double(), x.double(), mean64, rstd64, _d(w), s164, s264, count, training)
+        dxr = ref.batch_norm_bwd_dx(dy, x, mean64.to(mean.dtype), rstd, w, s164.to(s1.dtype), s264.to(s2.dtype), count, training)
+        assert dx.stride() == dxr.stride()
+        check(f"dx(training={training})", dx, dx64, xt.grad if training else None, dxr)
+
+
+def test_batch_norm_large_mean_and_zero_size():
+    x = (1e4 + torch.randn(8, 6, 21, 23, dtype=torch.float64)).float()
+    for fmt in ("nchw", "cl"):
+        mean, m2 = nat.batch_norm_stats(_fmt(x, fmt))
+        mean64, m264 = ref.batch_norm_stats(x.double())
+        assert torch.allclose(m2.double(), m264, rtol=1e-4), fmt
+    z = torch.empty(0, 5, 3, 3)
+    mean, m2 = nat.batch_norm_stats(z)
+    assert mean.shape == (5,) and torch.isnan(mean).all() and torch.equal(m2, torch.zeros(5))
+    y = nat.batch_norm_apply(z, torch.zeros(5), torch.ones(5), None, None)
+    assert y.shape == z.shape
+    s1, s2 = nat.batch_norm_bwd_reduce(z, z, torch.zeros(5), torch.ones(5))
+    assert torch.equal(s1, torch.zeros(5)) and torch.equal(s2, torch.zeros(5))
+
+
+# ---- determinism ---------------------------------------------------------------------------------------
+
+
+def _all_ops_outputs(dtype):
+    torch.manual_seed(1)
+    outs = []
+    x = torch.randn(301, 1031, dtype=dtype)
+    w, b = torch.randn(1031), torch.randn(1031)
+    y, mean, rstd = nat.layer_norm_fwd(x, w, b, 1e-5, False)
+    outs += [y, mean, rstd, *nat.layer_norm_bwd(torch.randn_like(x), x, w, b, mean, rstd, False)]
+    for fmt in ("nchw", "cl"):
+        xg = _fmt(torch.randn(3, 32, 33, 35, dtype=dtype), fmt)
+        wg, bg = torch.randn(32), torch.randn(32)
+        y, mean, rstd = nat.group_norm_fwd(xg, wg, bg, 8, 1e-5, "silu")
+        outs += [y, mean, rstd, *nat.group_norm_bwd(torch.randn_like(xg), xg, wg, bg, mean, rstd, 8, "silu")]
+        mean, m2 = nat.batch_norm_stats(xg)
+        rstd = torch.rsqrt(m2 / (xg.numel() // 32) + 1e-5)
+        dyg = torch.randn_like(xg)
+        s1, s2 = nat.batch_norm_bwd_reduce(dyg, xg, mean, rstd)
+        outs += [mean, m2, nat.batch_norm_apply(xg, mean, rstd, wg, bg), s1, s2]
+        outs.append(nat.batch_norm_bwd_dx(dyg, xg, mean, rstd, wg, s1, s2, xg.numel() // 32, True))
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_repeat_runs(dtype):
+    first = _all_ops_outputs(dtype)
+    for _ in range(2):
+        again = _all_ops_outputs(dtype)
+        for i, (a, b) in enumerate(zip(first, again)):
+            assert torch.equal(a, b) or (torch.isnan(a) == torch.isnan(b)).all() and torch.equal(
+                a.nan_to_num(), b.nan_to_num()
+            ), f"output {i} differs between identical runs"
+
+
+# ---- both CPU instruction-set copies -------------------------------------------------------------------
+
+
+def test_baseline_isa_copy_matches_reference():
+    """FUSEDNORM_CPU_ISA=base selects the non-AVX2 kernels (read once per process: run in a subprocess)."""
+    code = r"""
+import torch
+from fusednorm.backends import native as nat, reference as ref
+assert nat.cpu_isa() == "base", nat.cpu_isa()
+torch.manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    x = torch.randn(9, 77, dtype=dt) + 3
+    w, b = torch.randn(77), torch.randn(77)
+    got, want = nat.layer_norm_fwd(x, w, b, 1e-5, False), ref.layer_norm_fwd(x, w, b, 1e-5, False)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
+    dy = torch.randn_like(x)
+    for g, r in zip(nat.layer_norm_bwd(dy, x, w, b, want[1], want[2], False), ref.layer_norm_bwd(dy, x, w, b, want[1], want[2], False)):
+        torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xg = (torch.randn(2, 12, 5, 7, dtype=dt) + 2).contiguous(memory_format=fmt)
+        wg, bg = torch.randn(12), torch.randn(12)
+        want = ref.group_norm_fwd(xg, wg, bg, 3, 1e-5, "silu")
+        for g, r in zip(nat.group_norm_fwd(xg, wg, bg, 3, 1e-5, "silu"), want):
+            torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
+        dy = torch.randn_like(xg)
+        for g, r in zip(nat.group_norm_bwd(dy, xg, wg, bg, want[1], want[2], 3, "silu"), ref.group_norm_bwd(dy, xg, wg, bg, want[1], want[2], 3, "silu")):
+            torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
+        for g, r in zip(nat.batch_norm_stats(xg), ref.batch_norm_stats(xg)):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
+print("ok")
+"""
+    env = dict(os.environ, FUSEDNORM_CPU_ISA="base")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# ---- opcheck on every fusednorm_C op -------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    x = torch.randn(6, 19)
+    w, b = torch.randn(19), torch.randn(19)
+    _, mean, rstd = ref.layer_norm_fwd(x, w, b, 1e-5, False)
+    _, _, rstd_rms = ref.layer_norm_fwd(x, w, None, 1e-5, True)
+    xg = torch.randn(2, 6, 4, 5).to(memory_format=torch.channels_last)
+    wg, bg = torch.randn(6), torch.randn(6)
+    _, gmean, grstd = ref.group_norm_fwd(xg, wg, bg, 3, 1e-5, "silu")
+    bmean, bm2 = ref.batch_norm_stats(xg)
+    brstd = torch.rsqrt(bm2 / 40 + 1e-5)
+    dyg = torch.randn_like(xg)
+    return [
+        ("layer_norm_fwd", (x, w, b, 1e-5, False)),
+        ("layer_norm_fwd", (x, w, None, 1e-5, True)),
+        ("layer_norm_bwd", (torch.randn_like(x), x, w, b, mean, rstd, False)),
+        ("layer_norm_bwd", (torch.randn_like(x), x, None, None, torch.empty(0), rstd_rms, True)),
+        ("group_norm_fwd", (xg, wg, bg, 3, 1e-5, "silu")),
+        ("group_norm_fwd", (xg.contiguous(), None, None, 6, 1e-5, "none")),
+        ("group_norm_bwd", (dyg, xg, wg, bg, gmean, grstd, 3, "silu")),
+        ("batch_norm_stats", (xg,)),
+        ("batch_norm_apply", (xg, bmean, brstd, wg, bg)),
+        ("batch_norm_bwd_reduce", (dyg, xg, bmean, brstd)),
+        ("batch_norm_bwd_dx", (dyg, xg, bmean, brstd, wg, bmean * 2, bm2, 40, True)),
+        ("batch_norm_bwd_dx", (dyg, xg, bmean, brstd, None, bmean, bm2, 40, False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    name, args = _opcheck_cases()[case]
+    torch.library.opcheck(getattr(torch.ops.fusednorm_C, name).default, args)
+
+
+def test_has_cuda_and_supports():
+    assert isinstance(nat.has_cuda(), bool)
+    for op in ("layer_norm_fwd", "layer_norm_bwd", "group_norm_fwd", "group_norm_bwd", "batch_norm_stats",
+               "batch_norm_apply", "batch_norm_bwd_reduce", "batch_norm_bwd_dx"):
+        assert nat.supports(op), op
+    assert not nat.supports("not_an_op")
+    assert fusednorm.available_backends()["native"].available
+
+
+# ---- gradcheck in float64 through the backend's fwd/bwd pairs ------------------------------------------
+
+
+class _LN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, is_rms):
+        y, mean, rstd = nat.layer_norm_fwd(x, w, b, 1e-5, is_rms)
+        ctx.save_for_backward(x, w, b, mean, rstd)
+        ctx.is_rms = is_rms
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b, mean, rstd = ctx.saved_tensors
+        dx, dw, db = nat.layer_norm_bwd(dy.contiguous(), x, w, b, mean, rstd, ctx.is_rms)
+        return dx, dw, db, None
+
+
+class _GN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, groups, act):
+        y, mean, rstd = nat.group_norm_fwd(x, w, b, groups, 1e-5, act)
+        ctx.save_for_backward(x, w, b, mean, rstd)
+        ctx.groups, ctx.act = groups, act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, b, mean, rstd = ctx.saved_tensors
+        dx, dw, db = nat.group_norm_bwd(dy, x, w, b, mean, rstd, ctx.groups, ctx.act)
+        return dx, dw, db, None, None
+
+
+class _BN(torch.autograd.Function):
+    """Training-mode BatchNorm from the four native pieces."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        mean, m2 = nat.batch_norm_stats(x)
+        count = x.numel() // x.shape[1]
+        rstd = torch.rsqrt(m2 / count + 1e-5)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.count = count
+        return nat.batch_norm_apply(x, mean, rstd, w, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, mean, rstd = ctx.saved_tensors
+        s1, s2 = nat.batch_norm_bwd_reduce(dy, x, mean, rstd)
+        dx = nat.batch_norm_bwd_dx(dy, x, mean, rstd, w, s1, s2, ctx.count, True)
+        return dx, s2, s1
+
+
+def _leaf(*shape, cl=False):
+    t = torch.randn(*shape, dtype=torch.float64)
+    if cl:
+        t = t.to(memory_format=torch.channels_last)
+    return t.requires_grad_()
+
+
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_gradcheck_layer_norm(is_rms):
+    x, w = _leaf(4, 9), _leaf(9)
+    b = None if is_rms else _leaf(9)
+    assert torch.autograd.gradcheck(lambda x, w, b: _LN.apply(x, w, b, is_rms), (x, w, b))
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("act", ["none", "silu"])
+def test_gradcheck_group_norm(cl, act):
+    x, w, b = _leaf(2, 6, 3, 4, cl=cl), _leaf(6), _leaf(6)
+    assert torch.autograd.gradcheck(lambda x, w, b: _GN.apply(x, w, b, 3, act), (x, w, b))
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_gradcheck_batch_norm(cl):
+    x, w, b = _leaf(3, 4, 3, 5, cl=cl), _leaf(4), _leaf(4)
+    assert torch.autograd.gradcheck(_BN.apply, (x, w, b))
+
+
+# ---- integration through fusednorm.functional ----------------------------------------------------------
+
+
+def test_functional_uses_native_backend():
+    """The public layer runs on the native backend when forced, matching the reference backend."""
+    x = torch.randn(4, 6, 10, requires_grad=True)
+    w, b = torch.randn(10, requires_grad=True), torch.randn(10, requires_grad=True)
+    outs = {}
+    for name in ("native", "reference"):
+        with fusednorm.use_backend(name):
+            y = fusednorm.functional.layer_norm(x, (10,), w, b, 1e-5)
+            gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y) * 0.5 + y.detach())
+        outs[name] = (y, gx, gw, gb)
+    for a, r in zip(outs["native"], outs["reference"]):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=ATOL[torch.float32])
