@@ -50,7 +50,9 @@ def _native_extension():
         _log(f"torch is not importable ({exc}); skipping the native extension (use --no-build-isolation)")
         return [], {}
 
-    sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    sources = _rel(
+        glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     if not sources:
         return [], {}
     debug = _flag("FUSEDNORM_DEBUG")
@@ -91,9 +93,12 @@ def _native_extension():
         )
     else:
         why = (
-            "no csrc/cuda sources" if not cuda_sources
-            else "FUSEDNORM_NO_CUDA=1" if _flag("FUSEDNORM_NO_CUDA")
-            else "torch has no CUDA" if torch.version.cuda is None
+            "no csrc/cuda sources"
+            if not cuda_sources
+            else "FUSEDNORM_NO_CUDA=1"
+            if _flag("FUSEDNORM_NO_CUDA")
+            else "torch has no CUDA"
+            if torch.version.cuda is None
             else "nvcc not found (set CUDA_HOME)"
         )
         _log(f"building CPU kernels only ({why})")

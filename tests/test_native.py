@@ -209,7 +209,7 @@ def test_group_norm_dy_in_other_layout_and_zero_size():
     dy = torch.randn(2, 8, 5, 6)  # NCHW dy for a channels_last x
     got = nat.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
     want = ref.group_norm_bwd(dy, x, w, b, mean, rstd, 2, "silu")
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     z = torch.empty(0, 8, 3, 3)
     y, mean, rstd = nat.group_norm_fwd(z, w, b, 4, 1e-5, "none")
@@ -282,9 +282,13 @@ def test_batch_norm(xdtype, pdtype, shape, fmt, affine):
     check("sum_dy", s1, s164, None if bt is None else bt.grad, s1r)
     check("sum_dy_xhat", s2, s264, None if wt is None else wt.grad, s2r)
     for training in (True, False):
-        dx = nat.batch_norm_bwd_dx(dy, x, mean64.to(mean.dtype), rstd, w, s164.to(s1.dtype), s264.to(s2.dtype), count, training)
+        dx = nat.batch_norm_bwd_dx(
+            dy, x, mean64.to(mean.dtype), rstd, w, s164.to(s1.dtype), s264.to(s2.dtype), count, training
+        )
         dx64 = ref.batch_norm_bwd_dx(dy.double(), x.double(), mean64, rstd64, _d(w), s164, s264, count, training)
-        dxr = ref.batch_norm_bwd_dx(dy, x, mean64.to(mean.dtype), rstd, w, s164.to(s1.dtype), s264.to(s2.dtype), count, training)
+        dxr = ref.batch_norm_bwd_dx(
+            dy, x, mean64.to(mean.dtype), rstd, w, s164.to(s1.dtype), s264.to(s2.dtype), count, training
+        )
         assert dx.stride() == dxr.stride()
         check(f"dx(training={training})", dx, dx64, xt.grad if training else None, dxr)
 
@@ -333,9 +337,11 @@ def test_deterministic_repeat_runs(dtype):
     first = _all_ops_outputs(dtype)
     for _ in range(2):
         again = _all_ops_outputs(dtype)
-        for i, (a, b) in enumerate(zip(first, again)):
-            assert torch.equal(a, b) or (torch.isnan(a) == torch.isnan(b)).all() and torch.equal(
-                a.nan_to_num(), b.nan_to_num()
+        for i, (a, b) in enumerate(zip(first, again, strict=True)):
+            assert (
+                torch.equal(a, b)
+                or (torch.isnan(a) == torch.isnan(b)).all()
+                and torch.equal(a.nan_to_num(), b.nan_to_num())
             ), f"output {i} differs between identical runs"
 
 
@@ -353,10 +359,11 @@ for dt in (torch.float32, torch.bfloat16):
     x = torch.randn(9, 77, dtype=dt) + 3
     w, b = torch.randn(77), torch.randn(77)
     got, want = nat.layer_norm_fwd(x, w, b, 1e-5, False), ref.layer_norm_fwd(x, w, b, 1e-5, False)
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
     dy = torch.randn_like(x)
-    for g, r in zip(nat.layer_norm_bwd(dy, x, w, b, want[1], want[2], False), ref.layer_norm_bwd(dy, x, w, b, want[1], want[2], False)):
+    got = nat.layer_norm_bwd(dy, x, w, b, want[1], want[2], False)
+    for g, r in zip(got, ref.layer_norm_bwd(dy, x, w, b, want[1], want[2], False)):
         torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
     for fmt in (torch.contiguous_format, torch.channels_last):
         xg = (torch.randn(2, 12, 5, 7, dtype=dt) + 2).contiguous(memory_format=fmt)
@@ -365,7 +372,8 @@ for dt in (torch.float32, torch.bfloat16):
         for g, r in zip(nat.group_norm_fwd(xg, wg, bg, 3, 1e-5, "silu"), want):
             torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
         dy = torch.randn_like(xg)
-        for g, r in zip(nat.group_norm_bwd(dy, xg, wg, bg, want[1], want[2], 3, "silu"), ref.group_norm_bwd(dy, xg, wg, bg, want[1], want[2], 3, "silu")):
+        got = nat.group_norm_bwd(dy, xg, wg, bg, want[1], want[2], 3, "silu")
+        for g, r in zip(got, ref.group_norm_bwd(dy, xg, wg, bg, want[1], want[2], 3, "silu")):
             torch.testing.assert_close(g, r, rtol=1e-2, atol=1e-2)
         for g, r in zip(nat.batch_norm_stats(xg), ref.batch_norm_stats(xg)):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
@@ -414,8 +422,16 @@ def test_opcheck(case):
 
 def test_has_cuda_and_supports():
     assert isinstance(nat.has_cuda(), bool)
-    for op in ("layer_norm_fwd", "layer_norm_bwd", "group_norm_fwd", "group_norm_bwd", "batch_norm_stats",
-               "batch_norm_apply", "batch_norm_bwd_reduce", "batch_norm_bwd_dx"):
+    for op in (
+        "layer_norm_fwd",
+        "layer_norm_bwd",
+        "group_norm_fwd",
+        "group_norm_bwd",
+        "batch_norm_stats",
+        "batch_norm_apply",
+        "batch_norm_bwd_reduce",
+        "batch_norm_bwd_dx",
+    ):
         assert nat.supports(op), op
     assert not nat.supports("not_an_op")
     assert fusednorm.available_backends()["native"].available
@@ -514,5 +530,5 @@ def test_functional_uses_native_backend():
             y = fusednorm.functional.layer_norm(x, (10,), w, b, 1e-5)
             gx, gw, gb = torch.autograd.grad(y, (x, w, b), torch.ones_like(y) * 0.5 + y.detach())
         outs[name] = (y, gx, gw, gb)
-    for a, r in zip(outs["native"], outs["reference"]):
+    for a, r in zip(outs["native"], outs["reference"], strict=True):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=ATOL[torch.float32])

@@ -115,9 +115,7 @@ def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return _ops.batch_norm_stats(x)
 
 
-def batch_norm_apply(
-    x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> Tensor:
+def batch_norm_apply(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """y = (x - mean[c]) * rstd[c] * w[c] + b[c] with x's shape, dtype and memory format."""
     return _ops.batch_norm_apply(x, mean, rstd, weight, bias)
 
