@@ -13,7 +13,6 @@ ops, so every op is functional (``mutates_args=()``).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -217,7 +216,3 @@ def batch_norm_nd(
         momentum, float(eps),
     )
 
-
-def per_channel_count(x: Tensor) -> int:
-    """Values per channel in x (N, C, *spatial): N * prod(spatial)."""
-    return x.shape[0] * math.prod(x.shape[2:])

@@ -49,7 +49,7 @@ MAX_CL_REDUCE_COLS = 128
 # Reduction grid: about this many programs per SM in total (channel programs x splits).
 REDUCE_PROGRAMS_PER_SM = 4
 # Merge kernel tile: BLOCK_K partial rows x BLOCK_C channels.
-MERGE_BLOCK_K = 16
+MERGE_BLOCK_K = 8
 MERGE_BLOCK_C = 128
 
 
@@ -330,9 +330,13 @@ def _plan(x: Tensor, need_out: bool) -> tuple[Tensor, bool, Tensor | None]:
         out = torch.empty_like(x)
         if _fits(_ncs(out)[3], cl, c, s):
             return x, cl, out
-    x = x.contiguous()
-    cl = s == 1
-    return x, cl, (torch.empty_like(x) if need_out else None)
+    # one copy into the layout torch.empty_like(x) would give (channels_last stays channels_last), or NCHW
+    dense = torch.empty_like(x)
+    dense.copy_(x)
+    cl = _orientation(_ncs(dense)[3], c, s)
+    if cl is None:
+        dense, cl = x.contiguous(), s == 1
+    return dense, cl, (torch.empty_like(dense) if need_out else None)
 
 
 def _match(t: Tensor, channels_last: bool) -> Tensor:
