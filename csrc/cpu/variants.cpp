@@ -455,6 +455,343 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd(
           has_b ? db_acc.to(bias->scalar_type()) : empty};
 }
 
+
+// ==== per-plane passes (SwitchableNorm): x viewed as (R, P), last dim contiguous ===========================
+
+constexpr const char* kPlaneStats = "plane_stats(Tensor x) -> (Tensor, Tensor)";
+constexpr const char* kPlaneAffine = "plane_affine(Tensor x, Tensor center, Tensor a, Tensor b) -> Tensor";
+constexpr const char* kPlaneBwdReduce = "plane_bwd_reduce(Tensor dy, Tensor x, Tensor center) -> (Tensor, Tensor)";
+constexpr const char* kPlaneBwdDx =
+    "plane_bwd_dx(Tensor dy, Tensor x, Tensor center, Tensor k, Tensor p, Tensor q) -> Tensor";
+
+// Rows of a (R, P) tensor whose last dim is contiguous (copy only when it is not).
+inline at::Tensor rows_of(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> plane_stats(const at::Tensor& x_in) {
+  const at::Tensor x = rows_of(x_in);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const int64_t R = x.size(0), P = x.size(1), ld = x.stride(0);
+  at::Tensor mean = at::empty({R}, x.options().dtype(acc)), m2 = at::empty({R}, x.options().dtype(acc));
+  dispatch_float(x.scalar_type(), [&](auto tv) {
+    using T = decltype(tv);
+    using A = acc_type<T>;
+    const T* xp = x.data_ptr<T>();
+    A* mp = mean.data_ptr<A>();
+    A* m2p = m2.data_ptr<A>();
+    at::parallel_for(0, R, row_grain(P), [&](int64_t r0, int64_t r1) {
+      std::vector<A> buf(P);
+      for (int64_t r = r0; r < r1; ++r) {
+        const A* a = acc_view(xp + r * ld, buf.data(), P);
+        const auto st = stats_acc(a, P);
+        mp[r] = st.mean;
+        m2p[r] = st.m2;
+      }
+    });
+  });
+  return {mean, m2};
+}
+
+// Shared loop of plane_affine / plane_bwd_dx: out[r, j] = (dy[r, j] * k[r]) + (x[r, j] - c[r]) * p[r] + q[r].
+template <typename T, bool HAS_DY>
+void plane_map(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& c, const at::Tensor& k,
+               const at::Tensor& p, const at::Tensor& q, at::Tensor& out) {
+  using A = acc_type<T>;
+  const int64_t R = x.size(0), P = x.size(1), ldx = x.stride(0), lddy = HAS_DY ? dy.stride(0) : 0;
+  const T* xp = x.data_ptr<T>();
+  const T* dyp = HAS_DY ? dy.data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const A *cp = c.data_ptr<A>(), *kp = HAS_DY ? k.data_ptr<A>() : nullptr, *pp = p.data_ptr<A>(),
+          *qp = q.data_ptr<A>();
+  at::parallel_for(0, R, row_grain(P), [&](int64_t r0, int64_t r1) {
+    std::vector<A> xb(P), db(HAS_DY ? P : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      to_acc(xp + r * ldx, xb.data(), P);
+      if constexpr (HAS_DY) to_acc(dyp + r * lddy, db.data(), P);
+      const A cr = cp[r], pr = pp[r], qr = qp[r], kr = HAS_DY ? kp[r] : A(0);
+      for (int64_t j = 0; j < P; ++j) {
+        A v = (xb[j] - cr) * pr + qr;
+        if constexpr (HAS_DY) v += db[j] * kr;
+        xb[j] = v;
+      }
+      from_acc(xb.data(), op + r * P, P);
+    }
+  });
+}
+
+at::Tensor plane_affine(const at::Tensor& x_in, const at::Tensor& center, const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor x = rows_of(x_in);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  const at::Tensor c = center.to(acc).contiguous(), ac = a.to(acc).contiguous(), bc = b.to(acc).contiguous();
+  dispatch_float(x.scalar_type(), [&](auto tv) {
+    plane_map<decltype(tv), false>(at::Tensor(), x, c, at::Tensor(), ac, bc, out);
+  });
+  return out;
+}
+
+at::Tensor plane_bwd_dx(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& center,
+                        const at::Tensor& k, const at::Tensor& p, const at::Tensor& q) {
+  const at::Tensor x = rows_of(x_in), dy = rows_of(dy_in.to(x_in.scalar_type()));
+  const auto acc = acc_scalar_type(x.scalar_type());
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  const at::Tensor c = center.to(acc).contiguous(), kc = k.to(acc).contiguous(), pc = p.to(acc).contiguous(),
+                   qc = q.to(acc).contiguous();
+  dispatch_float(x.scalar_type(), [&](auto tv) { plane_map<decltype(tv), true>(dy, x, c, kc, pc, qc, out); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> plane_bwd_reduce(const at::Tensor& dy_in, const at::Tensor& x_in,
+                                                    const at::Tensor& center) {
+  const at::Tensor x = rows_of(x_in), dy = rows_of(dy_in.to(x_in.scalar_type()));
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor c = center.to(acc).contiguous();
+  const int64_t R = x.size(0), P = x.size(1);
+  at::Tensor s1 = at::empty({R}, x.options().dtype(acc)), s2 = at::empty({R}, x.options().dtype(acc));
+  dispatch_float(x.scalar_type(), [&](auto tv) {
+    using T = decltype(tv);
+    using A = acc_type<T>;
+    const T* xp = x.data_ptr<T>();
+    const T* dyp = dy.data_ptr<T>();
+    const A* cp = c.data_ptr<A>();
+    A* s1p = s1.data_ptr<A>();
+    A* s2p = s2.data_ptr<A>();
+    const int64_t ldx = x.stride(0), lddy = dy.stride(0);
+    at::parallel_for(0, R, row_grain(P), [&](int64_t r0, int64_t r1) {
+      std::vector<A> xb(P), db(P);
+      for (int64_t r = r0; r < r1; ++r) {
+        to_acc(xp + r * ldx, xb.data(), P);
+        to_acc(dyp + r * lddy, db.data(), P);
+        const A cr = cp[r];
+        A a1 = 0, a2 = 0;
+        for (int64_t j = 0; j < P; ++j) {
+          a1 += db[j];
+          a2 += db[j] * (xb[j] - cr);  // centred: no cancellation when |mean| >> std
+        }
+        s1p[r] = a1;
+        s2p[r] = a2;
+      }
+    });
+  });
+  return {s1, s2};
+}
+
+// ==== weight norm: rows of v (O, K) ======================================================================
+
+constexpr const char* kWeightNormFwd = "weight_norm_fwd(Tensor v, Tensor g) -> (Tensor, Tensor)";
+constexpr const char* kWeightNormBwd = "weight_norm_bwd(Tensor dw, Tensor v, Tensor g, Tensor norm) -> (Tensor, Tensor)";
+
+std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v_in, const at::Tensor& g) {
+  const at::Tensor v = v_in.contiguous();
+  const auto acc = acc_scalar_type(v.scalar_type());
+  const at::Tensor gc = g.to(acc).contiguous();
+  const int64_t O = v.size(0), K = v.size(1);
+  at::Tensor w = at::empty({O, K}, v.options()), norm = at::empty({O}, v.options().dtype(acc));
+  dispatch_float(v.scalar_type(), [&](auto tv) {
+    using T = decltype(tv);
+    using A = acc_type<T>;
+    const T* vp = v.data_ptr<T>();
+    T* wp = w.data_ptr<T>();
+    const A* gp = gc.data_ptr<A>();
+    A* np = norm.data_ptr<A>();
+    at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
+      std::vector<A> buf(K);
+      for (int64_t r = r0; r < r1; ++r) {
+        to_acc(vp + r * K, buf.data(), K);
+        const A nrm = std::sqrt(vsum_sqdev(buf.data(), K, A(0)));
+        np[r] = nrm;
+        const A f = gp[r] / nrm;
+        for (int64_t j = 0; j < K; ++j) buf[j] *= f;
+        from_acc(buf.data(), wp + r * K, K);
+      }
+    });
+  });
+  return {w, norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& dw_in, const at::Tensor& v_in,
+                                                   const at::Tensor& g, const at::Tensor& norm) {
+  const at::Tensor v = v_in.contiguous(), dw = dw_in.to(v_in.scalar_type()).contiguous();
+  const auto acc = acc_scalar_type(v.scalar_type());
+  const at::Tensor gc = g.to(acc).contiguous(), nc = norm.to(acc).contiguous();
+  const int64_t O = v.size(0), K = v.size(1);
+  at::Tensor dv = at::empty({O, K}, v.options()), dg = at::empty({O}, v.options().dtype(acc));
+  dispatch_float(v.scalar_type(), [&](auto tv) {
+    using T = decltype(tv);
+    using A = acc_type<T>;
+    const T* vp = v.data_ptr<T>();
+    const T* dwp = dw.data_ptr<T>();
+    T* dvp = dv.data_ptr<T>();
+    const A* gp = gc.data_ptr<A>();
+    const A* np = nc.data_ptr<A>();
+    A* dgp = dg.data_ptr<A>();
+    at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
+      std::vector<A> vb(K), db(K);
+      for (int64_t r = r0; r < r1; ++r) {
+        to_acc(vp + r * K, vb.data(), K);
+        to_acc(dwp + r * K, db.data(), K);
+        A dot = 0;
+        for (int64_t j = 0; j < K; ++j) dot += db[j] * vb[j];
+        const A nrm = np[r], a = gp[r] / nrm, bcoef = a * dot / (nrm * nrm);
+        dgp[r] = dot / nrm;
+        for (int64_t j = 0; j < K; ++j) db[j] = a * db[j] - bcoef * vb[j];
+        from_acc(db.data(), dvp + r * K, K);
+      }
+    });
+  });
+  return {dv, dg.to(g.scalar_type())};
+}
+
+// ==== channels-first LayerNorm: x (N, C, P), any strides ==================================================
+
+constexpr const char* kLayerNormCfFwd =
+    "layer_norm_cf_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kLayerNormCfBwd =
+    "layer_norm_cf_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) "
+    "-> (Tensor, Tensor, Tensor)";
+
+// Pixels are processed in blocks of kPix: the block's (C, kPix) slab is gathered through x's strides into an
+// acc-type buffer (so NCHW and channels_last are both read in place, without a permute copy), reduced exactly
+// in two steps over C (mean, then centred squares), and written back through the output's strides.
+constexpr int64_t kPix = 32;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_fwd(const at::Tensor& x,
+                                                                 const c10::optional<at::Tensor>& weight,
+                                                                 const c10::optional<at::Tensor>& bias,
+                                                                 double eps) {
+  TORCH_CHECK(x.dim() == 3, "fusednorm_C::layer_norm_cf_fwd: x must be (N, C, P)");
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({N, P}, x.options().dtype(acc)), rstd = at::empty({N, P}, x.options().dtype(acc));
+  if (x.numel() == 0) return {y, mean, rstd};
+  dispatch_float(x.scalar_type(), [&](auto tv) {
+    using T = decltype(tv);
+    using A = acc_type<T>;
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+    const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+    A* mp = mean.data_ptr<A>();
+    A* rp = rstd.data_ptr<A>();
+    const int64_t sxn = x.stride(0), sxc = x.stride(1), sxp = x.stride(2);
+    const int64_t syn = y.stride(0), syc = y.stride(1), syp = y.stride(2);
+    const int64_t pblocks = (P + kPix - 1) / kPix;
+    at::parallel_for(0, N * pblocks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<A> slab(C * kPix);  // slab[c * kPix + j]
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix, np = std::min(kPix, P - p0);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t j = 0; j < np; ++j) slab[c * kPix + j] = static_cast<A>(xp[n * sxn + c * sxc + (p0 + j) * sxp]);
+        A mu[kPix], rs[kPix];
+        for (int64_t j = 0; j < np; ++j) mu[j] = 0;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t j = 0; j < np; ++j) mu[j] += slab[c * kPix + j];
+        for (int64_t j = 0; j < np; ++j) {
+          mu[j] /= A(C);
+          rs[j] = 0;
+        }
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t j = 0; j < np; ++j) {
+            const A d = slab[c * kPix + j] - mu[j];
+            rs[j] += d * d;
+          }
+        for (int64_t j = 0; j < np; ++j) {
+          rs[j] = A(1) / std::sqrt(rs[j] / A(C) + A(eps));
+          mp[n * P + p0 + j] = mu[j];
+          rp[n * P + p0 + j] = rs[j];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const A wc = wp ? wp[c] : A(1), bc = bp ? bp[c] : A(0);
+          for (int64_t j = 0; j < np; ++j)
+            yp[n * syn + c * syc + (p0 + j) * syp] = static_cast<T>((slab[c * kPix + j] - mu[j]) * rs[j] * wc + bc);
+        }
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_bwd(const at::Tensor& dy_in, const at::Tensor& x,
+                                                                 const c10::optional<at::Tensor>& weight,
+                                                                 const c10::optional<at::Tensor>& bias,
+                                                                 const at::Tensor& mean, const at::Tensor& rstd) {
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc);
+  const bool has_b = bias.has_value() && bias->defined();
+  const at::Tensor dy = dy_in.to(x.scalar_type());
+  const at::Tensor mc = mean.to(acc).contiguous(), rc = rstd.to(acc).contiguous();
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw_acc = w.defined() ? at::zeros({C}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor db_acc = has_b ? at::zeros({C}, x.options().dtype(acc)) : at::Tensor();
+  if (x.numel() > 0) {
+    dispatch_float(x.scalar_type(), [&](auto tv) {
+      using T = decltype(tv);
+      using A = acc_type<T>;
+      const T* xp = x.data_ptr<T>();
+      const T* dyp = dy.data_ptr<T>();
+      T* dxp = dx.data_ptr<T>();
+      const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
+      const A* mp = mc.data_ptr<A>();
+      const A* rp = rc.data_ptr<A>();
+      const int64_t sxn = x.stride(0), sxc = x.stride(1), sxp = x.stride(2);
+      const int64_t sdn = dy.stride(0), sdc = dy.stride(1), sdp = dy.stride(2);
+      const int64_t son = dx.stride(0), soc = dx.stride(1), sop = dx.stride(2);
+      const int64_t pblocks = (P + kPix - 1) / kPix, tiles = N * pblocks;
+      const int64_t blocks = num_blocks(tiles);
+      std::vector<A> pdw(w.defined() ? blocks * C : 0, A(0)), pdb(has_b ? blocks * C : 0, A(0));
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<A> xh(C * kPix), g(C * kPix);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const auto [t0, t1] = block_range(tiles, blocks, blk);
+          A* dwr = wp ? pdw.data() + blk * C : nullptr;
+          A* dbr = has_b ? pdb.data() + blk * C : nullptr;
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix, np = std::min(kPix, P - p0);
+            A c1[kPix], c2[kPix];
+            for (int64_t j = 0; j < np; ++j) c1[j] = c2[j] = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const A wc = wp ? wp[c] : A(1);
+              A sw = 0, sb = 0;
+              for (int64_t j = 0; j < np; ++j) {
+                const int64_t px = p0 + j;
+                const A xv = (static_cast<A>(xp[n * sxn + c * sxc + px * sxp]) - mp[n * P + px]) * rp[n * P + px];
+                const A d = static_cast<A>(dyp[n * sdn + c * sdc + px * sdp]);
+                xh[c * kPix + j] = xv;
+                g[c * kPix + j] = d * wc;
+                c1[j] += d * wc * xv;
+                c2[j] += d * wc;
+                sw += d * xv;
+                sb += d;
+              }
+              if (dwr) dwr[c] += sw;
+              if (dbr) dbr[c] += sb;
+            }
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t j = 0; j < np; ++j) {
+                const int64_t px = p0 + j;
+                const A v = (g[c * kPix + j] - xh[c * kPix + j] * c1[j] / A(C) - c2[j] / A(C)) * rp[n * P + px];
+                dxp[n * son + c * soc + px * sop] = static_cast<T>(v);
+              }
+          }
+        }
+      });
+      A* dwo = wp ? dw_acc.data_ptr<A>() : nullptr;
+      A* dbo = has_b ? db_acc.data_ptr<A>() : nullptr;
+      for (int64_t blk = 0; blk < blocks; ++blk)  // block order: deterministic
+        for (int64_t c = 0; c < C; ++c) {
+          if (dwo) dwo[c] += pdw[blk * C + c];
+          if (dbo) dbo[c] += pdb[blk * C + c];
+        }
+    });
+  }
+  at::Tensor empty = at::empty({0}, x.options());
+  return {dx, w.defined() ? dw_acc.to(weight->scalar_type()) : empty, has_b ? db_acc.to(bias->scalar_type()) : empty};
+}
+
 }  // namespace variants
 }  // namespace cpu
 }  // namespace fusednorm
@@ -462,9 +799,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd(
 TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
   m.def(fusednorm::cpu::variants::kAddNormFwd);
   m.def(fusednorm::cpu::variants::kAddNormBwd);
+  m.def(fusednorm::cpu::variants::kPlaneStats);
+  m.def(fusednorm::cpu::variants::kPlaneAffine);
+  m.def(fusednorm::cpu::variants::kPlaneBwdReduce);
+  m.def(fusednorm::cpu::variants::kPlaneBwdDx);
+  m.def(fusednorm::cpu::variants::kWeightNormFwd);
+  m.def(fusednorm::cpu::variants::kWeightNormBwd);
+  m.def(fusednorm::cpu::variants::kLayerNormCfFwd);
+  m.def(fusednorm::cpu::variants::kLayerNormCfBwd);
 }
 
 TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
   m.impl("add_norm_fwd", &fusednorm::cpu::variants::add_norm_fwd);
   m.impl("add_norm_bwd", &fusednorm::cpu::variants::add_norm_bwd);
+  m.impl("plane_stats", &fusednorm::cpu::variants::plane_stats);
+  m.impl("plane_affine", &fusednorm::cpu::variants::plane_affine);
+  m.impl("plane_bwd_reduce", &fusednorm::cpu::variants::plane_bwd_reduce);
+  m.impl("plane_bwd_dx", &fusednorm::cpu::variants::plane_bwd_dx);
+  m.impl("weight_norm_fwd", &fusednorm::cpu::variants::weight_norm_fwd);
+  m.impl("weight_norm_bwd", &fusednorm::cpu::variants::weight_norm_bwd);
+  m.impl("layer_norm_cf_fwd", &fusednorm::cpu::variants::layer_norm_cf_fwd);
+  m.impl("layer_norm_cf_bwd", &fusednorm::cpu::variants::layer_norm_cf_bwd);
 }

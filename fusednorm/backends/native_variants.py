@@ -3,9 +3,8 @@
 ``fusednorm.backends.native`` re-exports this module's functions and adds ``NATIVE_VARIANT_OPS`` to the ops it
 supports. Each function has the signature documented in ``reference_variants.py`` and calls the
 ``torch.ops.fusednorm_C`` op of the same name (registered when the extension ``fusednorm._C`` is loaded, which
-``native.py`` does before importing this module). Only residual-add + norm has a native kernel so far; the other
-variants (channels-first LayerNorm, adaptive LayerNorm, weight norm, SwitchableNorm planes) run on Triton or the
-reference backend.
+``native.py`` does before importing this module). The only fused variant with no native kernel yet is adaptive
+LayerNorm (it runs on Triton or the reference backend).
 
 Dropout: the C++ kernels take the keep threshold and scale computed here by the same helpers the other backends
 use, so the mask hash is identical everywhere.
@@ -18,7 +17,20 @@ from torch import Tensor
 
 from fusednorm.backends.reference_variants import dropout_scale, dropout_threshold
 
-NATIVE_VARIANT_OPS = frozenset({"add_norm_fwd", "add_norm_bwd"})
+NATIVE_VARIANT_OPS = frozenset(
+    {
+        "add_norm_fwd",
+        "add_norm_bwd",
+        "layer_norm_cf_fwd",
+        "layer_norm_cf_bwd",
+        "weight_norm_fwd",
+        "weight_norm_bwd",
+        "plane_stats",
+        "plane_affine",
+        "plane_bwd_reduce",
+        "plane_bwd_dx",
+    }
+)
 
 _ops = torch.ops.fusednorm_C
 
@@ -70,6 +82,56 @@ def add_norm_bwd(
     return dx, (dres if has_res else None), (dw if weight is not None else None), (db if bias is not None else None)
 
 
+def layer_norm_cf_fwd(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """See ``reference_variants.layer_norm_cf_fwd``: x (N, C, P) any strides; y like x, mean/rstd (N, P)."""
+    y, mean, rstd = _ops.layer_norm_cf_fwd(x, weight, bias, float(eps))
+    return y, mean, rstd
+
+
+def layer_norm_cf_bwd(
+    dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """See ``reference_variants.layer_norm_cf_bwd``: dx (like x), dweight, dbias (None when absent)."""
+    dx, dw, db = _ops.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd)
+    return dx, (dw if weight is not None else None), (db if bias is not None else None)
+
+
+def weight_norm_fwd(v: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """See ``reference_variants.weight_norm_fwd``: w (O, K) v.dtype, norm (O,) acc dtype."""
+    w, norm = _ops.weight_norm_fwd(v, g)
+    return w, norm
+
+
+def weight_norm_bwd(dw: Tensor, v: Tensor, g: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
+    """See ``reference_variants.weight_norm_bwd``: dv (O, K), dg (O,) g.dtype."""
+    dv, dg = _ops.weight_norm_bwd(dw, v, g, norm)
+    return dv, dg
+
+
+def plane_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """See ``reference_variants.plane_stats``: per-plane mean and M2 of x (R, P)."""
+    mean, m2 = _ops.plane_stats(x)
+    return mean, m2
+
+
+def plane_affine(x: Tensor, center: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """See ``reference_variants.plane_affine``: (x - center) * a + b per plane."""
+    return _ops.plane_affine(x, center, a, b)
+
+
+def plane_bwd_reduce(dy: Tensor, x: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+    """See ``reference_variants.plane_bwd_reduce``: per-plane sum(dy), sum(dy * (x - center))."""
+    s1, s2 = _ops.plane_bwd_reduce(dy, x, center)
+    return s1, s2
+
+
+def plane_bwd_dx(dy: Tensor, x: Tensor, center: Tensor, k: Tensor, p: Tensor, q: Tensor) -> Tensor:
+    """See ``reference_variants.plane_bwd_dx``: dy * k + (x - center) * p + q per plane."""
+    return _ops.plane_bwd_dx(dy, x, center, k, p, q)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -95,7 +157,49 @@ def _register_fakes() -> None:
         db = s.new_empty((n,), dtype=bias.dtype) if bias is not None else s.new_empty((0,), dtype=x_dtype)
         return s.new_empty(s.shape, dtype=x_dtype), dres, dw, db
 
+    if not hasattr(_ops, "plane_stats"):
+        return
+
+    @torch.library.register_fake("fusednorm_C::layer_norm_cf_fwd")
+    def _(x, weight, bias, eps):
+        acc = _acc(x.dtype)
+        n, _, p = x.shape
+        return torch.empty_like(x), x.new_empty((n, p), dtype=acc), x.new_empty((n, p), dtype=acc)
+
+    @torch.library.register_fake("fusednorm_C::layer_norm_cf_bwd")
+    def _(dy, x, weight, bias, mean, rstd):
+        c = x.shape[1]
+        dw = x.new_empty((c,), dtype=weight.dtype) if weight is not None else x.new_empty((0,))
+        db = x.new_empty((c,), dtype=bias.dtype) if bias is not None else x.new_empty((0,))
+        return torch.empty_like(x), dw, db
+
+    @torch.library.register_fake("fusednorm_C::weight_norm_fwd")
+    def _(v, g):
+        return v.new_empty(v.shape), v.new_empty((v.shape[0],), dtype=_acc(v.dtype))
+
+    @torch.library.register_fake("fusednorm_C::weight_norm_bwd")
+    def _(dw, v, g, norm):
+        return v.new_empty(v.shape), g.new_empty(g.shape)
+
+    @torch.library.register_fake("fusednorm_C::plane_stats")
+    def _(x):
+        acc = _acc(x.dtype)
+        return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((x.shape[0],), dtype=acc)
+
+    @torch.library.register_fake("fusednorm_C::plane_affine")
+    def _(x, center, a, b):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("fusednorm_C::plane_bwd_reduce")
+    def _(dy, x, center):
+        acc = _acc(x.dtype)
+        return x.new_empty((x.shape[0],), dtype=acc), x.new_empty((x.shape[0],), dtype=acc)
+
+    @torch.library.register_fake("fusednorm_C::plane_bwd_dx")
+    def _(dy, x, center, k, p, q):
+        return x.new_empty(x.shape)
+
 
 _register_fakes()
 
-__all__ = ["NATIVE_VARIANT_OPS", "add_norm_bwd", "add_norm_fwd", "supports_variant"]
+__all__ = sorted(NATIVE_VARIANT_OPS) + ["NATIVE_VARIANT_OPS", "supports_variant"]
