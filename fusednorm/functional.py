@@ -42,6 +42,18 @@ def check_same_device(name: str, input: Tensor, **others: Tensor | None) -> None
             )
 
 
+def autocast_to_fp32(input: Tensor, *params: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Apply torch's CUDA autocast policy for layer_norm / rms_norm / group_norm (run in float32).
+
+    Under ``torch.autocast("cuda")`` torch casts these ops' fp16/bf16 arguments to float32 and returns float32;
+    outside autocast, and on the CPU (whose autocast leaves norms alone), arguments pass through unchanged.
+    """
+    if not (input.is_cuda and torch.is_autocast_enabled("cuda")):
+        return (input, *params)
+    low = (torch.float16, torch.bfloat16)
+    return tuple(t.float() if t is not None and t.dtype in low else t for t in (input, *params))
+
+
 def _shape_list(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
@@ -100,6 +112,7 @@ def layer_norm(
     """
     shape = _normalized_shape(normalized_shape)
     _check_row_norm("layer_norm", input, shape, weight, bias, rms=False)
+    input, weight, bias = autocast_to_fp32(input, weight, bias)
     return layer_norm_rows(input, math.prod(shape), weight, bias, eps, is_rms=False)
 
 
@@ -116,6 +129,7 @@ def rms_norm(
     """
     shape = _normalized_shape(normalized_shape)
     _check_row_norm("rms_norm", input, shape, weight, None, rms=True)
+    input, weight = autocast_to_fp32(input, weight)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     return layer_norm_rows(input, math.prod(shape), weight, None, eps, is_rms=True)
