@@ -259,7 +259,7 @@ class PeerProvider(Provider):
     def unavailable(self, device: torch.device) -> str | None:
         try:
             found = importlib.util.find_spec(self.module) is not None
-        except (ImportError, ValueError):
+        except Exception:  # noqa: BLE001 - a parent package that fails to import counts as not installed
             found = False
         if not found:
             return f"not installed (pip install {self.pip_name})"
@@ -278,7 +278,8 @@ def _build_registry() -> dict[str, Provider]:
         TorchEager(),
         TorchCompile(),
         PeerProvider("liger", "Liger-Kernel", "liger_kernel", "liger-kernel", LigerOps),
-        PeerProvider("apex", "apex", "apex", "apex (built from source)", ApexOps),
+        # the submodule, not the top-level name: an unrelated PyPI package is also called "apex"
+        PeerProvider("apex", "apex", "apex.normalization", "NVIDIA apex, built from source", ApexOps),
         PeerProvider("flash_attn", "flash-attn", "flash_attn", "flash-attn", FlashAttnOps),
         PeerProvider("quack", "quack", "quack", "quack-kernels", QuackOps),
         # the plain-torch fallback: useful to check the harness, not a performance contender
