@@ -9,7 +9,9 @@ Every tensor is addressed as (N, C, S) with S = prod(spatial) and one of two ori
   (N, C) inputs). A tile is [BLOCK_R positions (n, s), BLOCK_COL channels].
 
 The batch and the other slow dim have free strides (batch slices need no copy); a row index is split into
-(n, j) with one integer division per row, not per element. Offsets are int64.
+(n, j) with one int32 division per row, not per element. Row and tile indices are int32 (a 64-bit division
+is a subroutine call on the GPU): the launchers split a batch whose rows would pass 2^31 into several
+launches on views. Memory offsets are int64.
 
 Kernels (one family, constexpr flags pick the variant):
 
@@ -46,8 +48,13 @@ MIN_COLS = 16
 # Channels per program in the channels-last reductions: wide enough for 512-byte fp32 rows, narrow enough to
 # give many channel programs.
 MAX_CL_REDUCE_COLS = 128
+# Channels per tile in the channels-last elementwise kernel: each thread keeps up to five per-channel vectors
+# (mean, rstd, weight, two backward sums) for its columns, so very wide channel tiles would spill in fp64.
+MAX_CL_ELEMENTWISE_COLS = 512
 # Reduction grid: about this many programs per SM in total (channel programs x splits).
 REDUCE_PROGRAMS_PER_SM = 4
+# Row/tile indices inside the kernels are int32.
+_INT32_ROWS = 2**31
 # Merge kernel tile: BLOCK_K partial rows x BLOCK_C channels.
 MERGE_BLOCK_K = 8
 MERGE_BLOCK_C = 128
@@ -86,8 +93,9 @@ def bn_reduce_kernel(
     pid_k = tl.program_id(1)
     r_idx = tl.arange(0, BLOCK_R)
     c_idx = tl.arange(0, BLOCK_COL)
-    # int64 bounds make the loop index int64 (tile * BLOCK_R may pass 2^31)
-    t_begin = pid_k.to(tl.int64) * tiles_per_program
+    # Tile and row indices are int32 (the launcher keeps M = N * S below 2^31): a 64-bit integer division
+    # is a subroutine call with stack traffic on the GPU. Memory offsets are int64.
+    t_begin = pid_k * tiles_per_program
     if CHANNELS_LAST:
         cols = pid_c * BLOCK_COL + c_idx  # channels
         col_mask = cols < C
@@ -105,7 +113,8 @@ def bn_reduce_kernel(
             # the spread, so an offset |mean| >> std costs no digits in the accumulation.
             n0 = (t_begin * BLOCK_R) // S
             s0 = t_begin * BLOCK_R - n0 * S
-            shift = tl.load(X + n0 * stride_xn + s0 * stride_xj + cols, mask=col_mask, other=0.0).to(acc_ty)
+            shift = tl.load(X + n0.to(tl.int64) * stride_xn + s0.to(tl.int64) * stride_xj + cols, mask=col_mask,
+                            other=0.0).to(acc_ty)
     else:
         c64 = pid_c.to(tl.int64)
         tiles_s = tl.cdiv(S, BLOCK_COL)
@@ -122,7 +131,7 @@ def bn_reduce_kernel(
             m2_run = zero
             n0 = (t_begin // tiles_s) * BLOCK_R
             s0 = (t_begin - (t_begin // tiles_s) * tiles_s) * BLOCK_COL
-            shift = tl.load(X + c64 * stride_xj + n0 * stride_xn + s0).to(acc_ty)  # as above
+            shift = tl.load(X + c64 * stride_xj + n0.to(tl.int64) * stride_xn + s0).to(acc_ty)  # as above
     t_end = tl.minimum(t_begin + tiles_per_program, total_tiles)
     for t in range(t_begin, t_end):
         if CHANNELS_LAST:
@@ -131,6 +140,8 @@ def bn_reduce_kernel(
             n = rows // S
             s = rows - n * S
             mask = row_mask[:, None] & col_mask[None, :]
+            n = n.to(tl.int64)
+            s = s.to(tl.int64)
             x_off = (n * stride_xn + s * stride_xj)[:, None] + cols[None, :]
             valid_rows = tl.minimum(M - t * BLOCK_R, BLOCK_R).to(acc_ty)
         else:
@@ -139,6 +150,7 @@ def bn_reduce_kernel(
             n = tile_r * BLOCK_R + r_idx
             s = tile_s * BLOCK_COL + c_idx
             mask = (n < N)[:, None] & (s < S)[None, :]
+            n = n.to(tl.int64)
             x_off = (c64 * stride_xj + n * stride_xn)[:, None] + s[None, :]
         x = tl.load(X + x_off, mask=mask, other=0.0).to(acc_ty)
         if IS_BWD:
@@ -243,12 +255,12 @@ def bn_elementwise_kernel(
     pid = tl.program_id(0)
     tile_r = pid // num_col_tiles
     tile_c = pid - tile_r * num_col_tiles
-    rows = tile_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)  # int32: the launcher keeps R below 2^31
     cols = tile_c * BLOCK_COL + tl.arange(0, BLOCK_COL)
     row_mask = rows < R
     col_mask = cols < COLS
     mask = row_mask[:, None] & col_mask[None, :]
-    n = rows // J
+    n = rows // J  # int32 division: inline on the GPU (int64 division is a call with stack traffic)
     j = rows - n * J
     if CHANNELS_LAST:
         ch = cols
@@ -256,6 +268,8 @@ def bn_elementwise_kernel(
     else:
         ch = j
         ch_mask = row_mask
+    n = n.to(tl.int64)
+    j = j.to(tl.int64)
     rstd = _per_channel(Rstd, ch, ch_mask, CHANNELS_LAST)
     scale = rstd
     if HAS_WEIGHT:
@@ -381,7 +395,7 @@ def reduce_config(channels_last: bool, c: int, s: int, dtype: torch.dtype) -> di
 def elementwise_config(channels_last: bool, c: int, s: int, dtype: torch.dtype) -> dict[str, int]:
     """BLOCK_R, BLOCK_COL and num_warps of ``bn_elementwise_kernel`` (same bucketing as ``reduce_config``)."""
     tile = _tile(dtype)
-    block_col = _block_cols(c if channels_last else s, tile)
+    block_col = _block_cols(c, MAX_CL_ELEMENTWISE_COLS) if channels_last else _block_cols(s, tile)
     return {"BLOCK_R": tile // block_col, "BLOCK_COL": block_col, "num_warps": _warps(tile)}
 
 
@@ -393,6 +407,9 @@ def _reduce(x: Tensor, dy: Tensor | None, mean: Tensor | None, rstd: Tensor | No
     """Launch the split reduction and the merge. Statistics when ``dy`` is None, else the backward sums."""
     is_bwd = dy is not None
     x, cl, _ = _plan(x, need_out=False)
+    if cl and x.numel() // x.shape[1] >= _INT32_ROWS:
+        # channels-last positions N * S would overflow the int32 row index: reduce in NCHW order instead
+        x, cl = x.contiguous(), False
     if is_bwd:
         dy = _match(dy, cl)
     n, c, s, _ = _ncs(x)
@@ -452,23 +469,28 @@ def _elementwise(
         dy = _match(dy, cl)
     n, c, s, _ = _ncs(x)
     cfg = elementwise_config(cl, c, s, x.dtype)
-    rows, inner, cols = (n * s, s, c) if cl else (n * c, c, s)
+    inner, cols = (s, c) if cl else (c, s)
     col_tiles = triton.cdiv(cols, cfg["BLOCK_COL"])
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]) * col_tiles,)
     sx = _slow_strides(x, cl)
     sdy = _slow_strides(dy, cl) if is_bwd else sx
     so = _slow_strides(out, cl)
     use_sums = is_bwd and training
+    # rows (n, j) are int32 in the kernel: a batch with 2^31 or more rows runs as several launches on views
+    chunk = max(1, (_INT32_ROWS - 1) // max(inner, 1))
     with _device(x):
-        bn_elementwise_kernel[grid](
-            x, dy if is_bwd else x, out, mean, rstd,
-            weight if weight is not None else rstd, bias if bias is not None else rstd,
-            sum_dy if use_sums else rstd, sum_dy_xhat if use_sums else rstd,
-            rows, inner, cols, count,
-            sx[0], sx[1], sdy[0], sdy[1], so[0], so[1], col_tiles,
-            IS_BWD=is_bwd, TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            CHANNELS_LAST=cl, **cfg,
-        )
+        for n0 in range(0, n, chunk):
+            n1 = min(n, n0 + chunk)
+            rows = (n1 - n0) * inner
+            grid = (triton.cdiv(rows, cfg["BLOCK_R"]) * col_tiles,)
+            bn_elementwise_kernel[grid](
+                x[n0:n1], dy[n0:n1] if is_bwd else x[n0:n1], out[n0:n1], mean, rstd,
+                weight if weight is not None else rstd, bias if bias is not None else rstd,
+                sum_dy if use_sums else rstd, sum_dy_xhat if use_sums else rstd,
+                rows, inner, cols, count,
+                sx[0], sx[1], sdy[0], sdy[1], so[0], so[1], col_tiles,
+                IS_BWD=is_bwd, TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                CHANNELS_LAST=cl, **cfg,
+            )
     return out
 
 
@@ -533,11 +555,11 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
         acc = "fp64" if x_ty == "fp64" else "fp32"
         tile = _tile(dtype)
         red_sig = {"X": f"*{x_ty}", "DY": f"*{x_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}", "P0": f"*{acc}",
-                   "P1": f"*{acc}", "P2": f"*{acc}", "N": "i32", "C": "i32", "S": "i32", "M": "i64",
+                   "P1": f"*{acc}", "P2": f"*{acc}", "N": "i32", "C": "i32", "S": "i32", "M": "i32",
                    "stride_xn": "i64", "stride_xj": "i64", "stride_dyn": "i64", "stride_dyj": "i64",
                    "tiles_per_program": "i32"}
         ew_sig = {"X": f"*{x_ty}", "DY": f"*{x_ty}", "Out": f"*{x_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}",
-                  "W": f"*{p_ty}", "B": f"*{p_ty}", "SumDy": f"*{acc}", "SumDyXhat": f"*{acc}", "R": "i64",
+                  "W": f"*{p_ty}", "B": f"*{p_ty}", "SumDy": f"*{acc}", "SumDyXhat": f"*{acc}", "R": "i32",
                   "J": "i32", "COLS": "i32", "count": "i64", "stride_xn": "i64", "stride_xj": "i64",
                   "stride_dyn": "i64", "stride_dyj": "i64", "stride_on": "i64", "stride_oj": "i64",
                   "num_col_tiles": "i32"}
@@ -554,7 +576,7 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
                           f"BLOCK_COL={block_col}"
                     configs.append((f"bn_reduce {tag}", bn_reduce_kernel,
                                     {**red_sig, **dict.fromkeys(consts, "constexpr")}, consts, _warps(tile)))
-            for block_col in _extent_buckets(tile):
+            for block_col in _extent_buckets(MAX_CL_ELEMENTWISE_COLS if cl else tile):
                 for is_bwd, training in ((False, False), (True, True), (True, False)):
                     consts = {"IS_BWD": is_bwd, "TRAINING": training, "HAS_WEIGHT": True, "HAS_BIAS": not is_bwd,
                               "CHANNELS_LAST": cl, "BLOCK_R": tile // block_col, "BLOCK_COL": block_col}
