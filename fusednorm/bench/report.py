@@ -197,6 +197,8 @@ def header_lines(env: dict) -> list[str]:
            f"{', '.join(map(str, env.get('load_average') or ['n/a']))} at the end)" if env["device"] == "cpu" else ""),
         f"torch {env['torch']}, triton {env.get('triton') or 'n/a'}, python {env['python']}, commit {commit}",
     ]
+    if env.get("wall_s") is not None:
+        lines.append(f"wall time of the whole run: {env['wall_s']:.0f} s")
     if env.get("copy_gbps"):
         lines.append(
             f"copy bandwidth (same run, {fmt_bytes(env.get('copy_bytes'))} tensor copy, read+write): "
@@ -323,6 +325,10 @@ def write_plot(path: str, results: Sequence[Result], env: dict, metric: str = "g
             panels.setdefault((r.case.op, r.case.mode), []).append(r)
     if not panels:
         return False
+    providers_seen = list(OrderedDict.fromkeys(r.label for rs in panels.values() for r in rs))
+    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
+    colors = {label: palette[i % len(palette)] for i, label in enumerate(providers_seen)}
+    styles = ["-", "--", ":", "-."]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
@@ -333,14 +339,18 @@ def write_plot(path: str, results: Sequence[Result], env: dict, metric: str = "g
         xpos = {shape: i for i, (_, shape) in enumerate(shapes)}
         mixed_dtype = len({r.case.dtype for r in rs}) > 1
         mixed_layout = len({r.case.layout for r in rs}) > 1
-        lines: OrderedDict[str, list[tuple[int, float]]] = OrderedDict()
+        # colour = provider, line style = dtype / layout variant
+        lines: OrderedDict[tuple[str, str], list[tuple[int, float]]] = OrderedDict()
         for r in rs:
-            name = r.label + (f" {r.case.dtype}" if mixed_dtype else "")
-            name += " NHWC" if mixed_layout and r.case.layout == "channels_last" else ""
-            lines.setdefault(name, []).append((xpos[r.case.shape], value(r)))
-        for name, pts in lines.items():
+            variant = (r.case.dtype if mixed_dtype else "")
+            variant += (" NHWC" if r.case.layout == "channels_last" else "") if mixed_layout else ""
+            lines.setdefault((r.label, variant.strip()), []).append((xpos[r.case.shape], value(r)))
+        variants = list(OrderedDict.fromkeys(v for _, v in lines))
+        for (label, variant), pts in lines.items():
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[label],
+                    linestyle=styles[variants.index(variant) % len(styles)],
+                    label=f"{label} {variant}".strip())
         if metric == "gbps" and env.get("copy_gbps"):
             ax.axhline(env["copy_gbps"], color="gray", linestyle="--", linewidth=0.8, label="copy bandwidth")
         if metric == "speedup":
