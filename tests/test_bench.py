@@ -282,7 +282,7 @@ def test_wrong_gradient_is_failed_in_backward_modes_only():
 
 
 def test_missing_provider_and_missing_op_are_skipped_with_reason():
-    peer = providers.PeerProvider("ghost", "ghost-kernels", "no_such_module_xyz", "ghost-kernels", TorchOps)
+    peer = providers.PeerProvider("ghost", "ghost-kernels", "no_such_module_xyz", "pip install ghost", TorchOps)
     ps = [providers.PROVIDERS["torch"], peer, _Fake("no_rms", _WrongForward), providers.PROVIDERS["triton"]]
     res = _by_name(run_case(Case("rms_norm", (16, 32), "fp32", "forward"), ps, fast_cfg()))
     assert res["ghost"].status == SKIPPED and "not installed" in res["ghost"].detail

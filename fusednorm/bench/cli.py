@@ -133,9 +133,9 @@ def _kernels(args: argparse.Namespace) -> int:
 
 
 def _print_list(cases: Sequence[Case], providers: Sequence, device: torch.device) -> None:
-    from rich.console import Console
+    from fusednorm.bench.report import wide_console
 
-    console = Console()
+    console = wide_console()
     console.print(f"{len(cases)} cases on {device.type}:", style="bold")
     for c in cases:
         console.print(f"  {c.label}", highlight=False)

@@ -250,8 +250,8 @@ class QuackOps:
 class PeerProvider(Provider):
     """A peer library: available when its module imports, on CUDA tensors only."""
 
-    def __init__(self, name: str, label: str, module: str, pip_name: str, ops: type) -> None:
-        self.name, self.label, self.module, self.pip_name, self.ops = name, label, module, pip_name, ops
+    def __init__(self, name: str, label: str, module: str, install: str, ops: type) -> None:
+        self.name, self.label, self.module, self.install, self.ops = name, label, module, install, ops
 
     def namespace(self) -> Any:
         return self.ops
@@ -262,7 +262,7 @@ class PeerProvider(Provider):
         except Exception:  # noqa: BLE001 - a parent package that fails to import counts as not installed
             found = False
         if not found:
-            return f"not installed (pip install {self.pip_name})"
+            return f"not installed ({self.install})"
         if device.type != "cuda":
             return f"{self.label} runs on CUDA tensors only"
         return None
@@ -277,11 +277,11 @@ def _build_registry() -> dict[str, Provider]:
         FusednormBackend("native"),
         TorchEager(),
         TorchCompile(),
-        PeerProvider("liger", "Liger-Kernel", "liger_kernel", "liger-kernel", LigerOps),
+        PeerProvider("liger", "Liger-Kernel", "liger_kernel", "pip install liger-kernel", LigerOps),
         # the submodule, not the top-level name: an unrelated PyPI package is also called "apex"
-        PeerProvider("apex", "apex", "apex.normalization", "NVIDIA apex, built from source", ApexOps),
-        PeerProvider("flash_attn", "flash-attn", "flash_attn", "flash-attn", FlashAttnOps),
-        PeerProvider("quack", "quack", "quack", "quack-kernels", QuackOps),
+        PeerProvider("apex", "apex", "apex.normalization", "build NVIDIA apex from source", ApexOps),
+        PeerProvider("flash_attn", "flash-attn", "flash_attn", "pip install flash-attn", FlashAttnOps),
+        PeerProvider("quack", "quack", "quack", "pip install quack-kernels", QuackOps),
         # the plain-torch fallback: useful to check the harness, not a performance contender
         FusednormBackend("reference", default=False),
     ]
