@@ -190,6 +190,9 @@ def test_triton_split_reduction_and_layouts(tiny_tiles, monkeypatch, poison_empt
         monkeypatch.setattr(T, "MAX_CL_REDUCE_COLS", 8)
         monkeypatch.setattr(T, "MERGE_BLOCK_K", 4)
         monkeypatch.setattr(T, "MERGE_BLOCK_C", 4)
+        # as if rows passed the int32 range: elementwise launches split over the batch, and channels-last
+        # reductions switch to NCHW order
+        monkeypatch.setattr(T, "_INT32_ROWS", 40)
     launches = []
     real_merge = T.bn_merge_kernel
 

@@ -53,8 +53,8 @@ MAX_CL_REDUCE_COLS = 128
 MAX_CL_ELEMENTWISE_COLS = 512
 # Reduction grid: about this many programs per SM in total (channel programs x splits).
 REDUCE_PROGRAMS_PER_SM = 4
-# Row/tile indices inside the kernels are int32.
-_INT32_ROWS = 2**31
+# Row/tile indices inside the kernels are int32: rows per launch stay below this (a tile's padded rows too).
+_INT32_ROWS = 2**31 - 2**16
 # Merge kernel tile: BLOCK_K partial rows x BLOCK_C channels.
 MERGE_BLOCK_K = 8
 MERGE_BLOCK_C = 128
@@ -239,8 +239,8 @@ def bn_merge_kernel(
 
 @triton.jit
 def bn_elementwise_kernel(
-    X, DY, Out, Mean, Rstd, W, B, SumDy, SumDyXhat,
-    R, J, COLS, count,
+    X, DY, Out, Mean, Rstd, W, B, MeanDy, MeanDyXhat,
+    R, J, COLS,
     stride_xn, stride_xj, stride_dyn, stride_dyj, stride_on, stride_oj,
     num_col_tiles,
     IS_BWD: tl.constexpr, TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -249,7 +249,9 @@ def bn_elementwise_kernel(
     """One pass over a [BLOCK_R, BLOCK_COL] tile of rows r = (n, j), j < J, and contiguous columns.
 
     Forward: Out = (x - mean) * rstd * w + b. Backward (Out = dX): training
-    dx = (dy - sum_dy / count - xhat * sum_dy_xhat / count) * rstd * w; eval dx = dy * rstd * w.
+    dx = (dy - mean_dy - xhat * mean_dy_xhat) * rstd * w, with the per-channel means of dy and dy * xhat over
+    the batch (divided on the host: an fp64 division is a subroutine call in the kernel); eval
+    dx = dy * rstd * w.
     """
     acc_ty = Rstd.dtype.element_ty
     pid = tl.program_id(0)
@@ -280,8 +282,8 @@ def bn_elementwise_kernel(
         if TRAINING:
             x = tl.load(X + (n * stride_xn + j * stride_xj)[:, None] + cols[None, :], mask=mask, other=0.0)
             mean = _per_channel(Mean, ch, ch_mask, CHANNELS_LAST)
-            mean_dy = _per_channel(SumDy, ch, ch_mask, CHANNELS_LAST) / count
-            coef = _per_channel(SumDyXhat, ch, ch_mask, CHANNELS_LAST) / count * rstd
+            mean_dy = _per_channel(MeanDy, ch, ch_mask, CHANNELS_LAST)
+            coef = _per_channel(MeanDyXhat, ch, ch_mask, CHANNELS_LAST) * rstd
             out = (dy - mean_dy - (x.to(acc_ty) - mean) * coef) * scale
         else:
             out = dy * scale
@@ -475,6 +477,8 @@ def _elementwise(
     sdy = _slow_strides(dy, cl) if is_bwd else sx
     so = _slow_strides(out, cl)
     use_sums = is_bwd and training
+    if use_sums:
+        sum_dy, sum_dy_xhat = sum_dy / count, sum_dy_xhat / count  # (C,) means over the batch
     # rows (n, j) are int32 in the kernel: a batch with 2^31 or more rows runs as several launches on views
     chunk = max(1, (_INT32_ROWS - 1) // max(inner, 1))
     with _device(x):
@@ -486,7 +490,7 @@ def _elementwise(
                 x[n0:n1], dy[n0:n1] if is_bwd else x[n0:n1], out[n0:n1], mean, rstd,
                 weight if weight is not None else rstd, bias if bias is not None else rstd,
                 sum_dy if use_sums else rstd, sum_dy_xhat if use_sums else rstd,
-                rows, inner, cols, count,
+                rows, inner, cols,
                 sx[0], sx[1], sdy[0], sdy[1], so[0], so[1], col_tiles,
                 IS_BWD=is_bwd, TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                 CHANNELS_LAST=cl, **cfg,
@@ -559,8 +563,8 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
                    "stride_xn": "i64", "stride_xj": "i64", "stride_dyn": "i64", "stride_dyj": "i64",
                    "tiles_per_program": "i32"}
         ew_sig = {"X": f"*{x_ty}", "DY": f"*{x_ty}", "Out": f"*{x_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}",
-                  "W": f"*{p_ty}", "B": f"*{p_ty}", "SumDy": f"*{acc}", "SumDyXhat": f"*{acc}", "R": "i32",
-                  "J": "i32", "COLS": "i32", "count": "i64", "stride_xn": "i64", "stride_xj": "i64",
+                  "W": f"*{p_ty}", "B": f"*{p_ty}", "MeanDy": f"*{acc}", "MeanDyXhat": f"*{acc}", "R": "i32",
+                  "J": "i32", "COLS": "i32", "stride_xn": "i64", "stride_xj": "i64",
                   "stride_dyn": "i64", "stride_dyj": "i64", "stride_on": "i64", "stride_oj": "i64",
                   "num_col_tiles": "i32"}
         merge_sig = {"P0": f"*{acc}", "P1": f"*{acc}", "P2": f"*{acc}", "Out0": f"*{acc}", "Out1": f"*{acc}",
