@@ -76,8 +76,10 @@ def _add_norm_torch(x, r, w, b, eps, rms, fp32_res):
 # Odd widths; (80, 130) has more row blocks than the interpreter's persistent grid (so programs accumulate dW
 # over several blocks); (9, 16500) takes the chunked path, also with several rows per program.
 ADD_SHAPES = [(3, 37), (2, 5, 64), (80, 130)]
+# (6, 9000): forward single-tile, backward chunked (its single-tile limit is lower). Wide rows: fp32 and the AMP
+# pair only (the interpreter is slow).
 ADD_CASES = [(shape, d) for shape in ADD_SHAPES for d in DTYPE_PAIRS] + \
-    [((9, 16500), d) for d in (DTYPE_PAIRS[0], DTYPE_PAIRS[3])]  # chunked: fp32 and the AMP pair (slow interp.)
+    [(shape, d) for shape in ((9, 16500), (6, 9000)) for d in (DTYPE_PAIRS[0], DTYPE_PAIRS[3])]
 
 
 @pytest.mark.parametrize("backend", ADD_BACKENDS)
@@ -267,8 +269,10 @@ def test_add_norm_bad_input():
 # ==== channels-first LayerNorm (LayerNorm2d) =============================================================
 
 # (3, 40, 20, 20) and (9, 520, 2, 2) have more tiles than the interpreter's persistent backward grid; 520 > 512
-# channels takes the chunked path.
+# channels takes the chunked path; 300 channels: single-tile forward, chunked backward.
 CF_SHAPES = [(2, 5, 3, 7), (3, 40, 20, 20), (9, 520, 2, 2)]
+CF_CASES = [(shape, d) for shape in CF_SHAPES for d in DTYPE_PAIRS] + \
+    [((4, 300, 3, 2), d) for d in (DTYPE_PAIRS[0], DTYPE_PAIRS[3])]
 
 
 def _ln2d_torch(x, w, b, eps):
@@ -277,9 +281,9 @@ def _ln2d_torch(x, w, b, eps):
 
 
 @pytest.mark.parametrize("backend", CF_BACKENDS)
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shape", CF_SHAPES, ids=str)
+@pytest.mark.parametrize("shape,dtypes", CF_CASES,
+                         ids=[f"{s}-{a}-{b}".replace("torch.", "") for s, (a, b) in CF_CASES])
 def test_layer_norm_2d_matches_float64(backend, dtypes, channels_last, shape, poison_empty):
     x_dtype, p_dtype = dtypes
     c = shape[1]
@@ -337,13 +341,19 @@ def _ada_torch(x, scale, shift, w, b, eps, rms):
     return n * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+# (3, 97, 48): more row blocks per batch than backward programs; D = 4100 is above the backward's register limit
+# (fp32 and the AMP pair only: the interpreter is slow).
+ADA_CASES = [((3, 97, 48), d) for d in DTYPE_PAIRS] + [((2, 3, 4100), d) for d in (DTYPE_PAIRS[0], DTYPE_PAIRS[3])]
+
+
 @pytest.mark.parametrize("backend", ADA_BACKENDS)
-@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
-def test_adaptive_layer_norm_matches_float64(backend, dtypes, rms, affine, poison_empty):
+@pytest.mark.parametrize("dims,dtypes", ADA_CASES,
+                         ids=[f"{s}-{a}-{b}".replace("torch.", "") for s, (a, b) in ADA_CASES])
+def test_adaptive_layer_norm_matches_float64(backend, dtypes, rms, affine, dims, poison_empty):
     x_dtype, p_dtype = dtypes
-    bsz, seq, d = 3, 97, 48  # 97 rows: more row blocks per batch than backward programs
+    bsz, seq, d = dims
     x = (torch.randn(bsz, seq, d) * 2 + 0.5).to(x_dtype)
     mod = torch.randn(bsz, 2 * d).to(x_dtype)  # DiT-style: scale/shift are chunks of one modulation tensor
     w = (torch.randn(d) + 1).to(p_dtype) if affine else None

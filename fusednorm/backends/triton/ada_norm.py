@@ -8,7 +8,9 @@ Backward runs a (B, J) grid: program (b, j) walks every J-th block of rows of ba
 are loaded once, and dscale/dshift/dweight/dbias are accumulated in fp32 registers and written as per-program
 partials, reduced afterwards in a fixed order (deterministic, no atomics).
 
-Rows wider than ``MAX_SINGLE_TILE`` (unusual for AdaLN) run the same math as torch ops on the device.
+Rows wider than ``MAX_SINGLE_TILE`` (``BWD_MAX_D`` for the backward, which holds seven row-sized vectors per
+program and would spill above it; halved for fp64) run the same math as torch ops on the device. DiT/SD3/Flux
+widths (1152-3072) are all below it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from fusednorm.backends.triton.layer_norm import (
     row_norm_config,
 )
 from fusednorm.backends.triton.welford import row_stats
+
+BWD_MAX_D = 4096
 
 
 @triton.jit
@@ -135,10 +139,16 @@ def ada_norm_bwd_kernel(
         tl.store(DB_partial + part, db_acc, mask=col_mask)
 
 
-def _config(n: int, dtype: torch.dtype) -> dict[str, int | bool]:
-    cfg = dict(row_norm_config(n, dtype))
+def _config(n: int, dtype: torch.dtype, backward: bool = False) -> dict[str, int | bool]:
+    cfg = dict(row_norm_config(n, dtype, backward=backward))
     cfg.pop("SINGLE_TILE")
     return cfg
+
+
+def _fits(n: int, dtype: torch.dtype, backward: bool) -> bool:
+    """Whether rows of n elements run in the register-resident kernels (else torch ops on the device)."""
+    limit = BWD_MAX_D if backward else MAX_SINGLE_TILE
+    return n <= (limit // 2 if dtype == torch.float64 else limit)
 
 
 def ada_norm_fwd(
@@ -152,7 +162,7 @@ def ada_norm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """See ``fusednorm.backends.reference_variants.ada_norm_fwd``: x (B, L, D), scale/shift (B, D)."""
     bsz, seq, n = x.shape
-    if n > MAX_SINGLE_TILE or x.dtype == torch.float64 and n > MAX_SINGLE_TILE // 2:
+    if not _fits(n, x.dtype, backward=False):
         from fusednorm.backends.reference_variants import ada_norm_fwd as torch_ops
 
         return torch_ops(x, scale, shift, weight, bias, eps, is_rms)
@@ -185,12 +195,12 @@ def ada_norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """See ``fusednorm.backends.reference_variants.ada_norm_bwd``."""
     bsz, seq, n = x.shape
-    if n > MAX_SINGLE_TILE or x.dtype == torch.float64 and n > MAX_SINGLE_TILE // 2:
+    if not _fits(n, x.dtype, backward=True):
         from fusednorm.backends.reference_variants import ada_norm_bwd as torch_ops
 
         return torch_ops(dy, x, scale, shift, weight, bias, mean, rstd, is_rms)
     acc = rstd.dtype
-    cfg = _config(n, x.dtype)
+    cfg = _config(n, x.dtype, backward=True)
     num_l_blocks = triton.cdiv(seq, cfg["ROWS_PER_PROGRAM"])
     # about 4 programs per SM in total, split over the batch
     per_batch = max(1, min(num_l_blocks, persistent_programs(x, bsz * num_l_blocks, 4) // max(bsz, 1)))
@@ -211,6 +221,20 @@ def ada_norm_bwd(
     return dx, dscale, dshift, dw, db
 
 
+def _fwd_sig(x_ty: str, p_ty: str, acc: str) -> dict[str, str]:
+    return {"X": f"*{x_ty}", "SCALE": f"*{x_ty}", "SHIFT": f"*{x_ty}", "Y": f"*{x_ty}", "W": f"*{p_ty}",
+            "B": f"*{p_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}", "stride_xb": "i32", "stride_xl": "i32",
+            "stride_scale_b": "i32", "stride_shift_b": "i32", "L": "i32", "M": "i32", "N": "i32", "eps": "fp32"}
+
+
+def _bwd_sig(x_ty: str, p_ty: str, acc: str) -> dict[str, str]:
+    return {"DY": f"*{x_ty}", "X": f"*{x_ty}", "SCALE": f"*{x_ty}", "W": f"*{p_ty}", "B": f"*{p_ty}",
+            "Mean": f"*{acc}", "Rstd": f"*{acc}", "DX": f"*{x_ty}", "DSCALE_partial": f"*{acc}",
+            "DSHIFT_partial": f"*{acc}", "DW_partial": f"*{acc}", "DB_partial": f"*{acc}", "stride_dyb": "i32",
+            "stride_dyl": "i32", "stride_xb": "i32", "stride_xl": "i32", "stride_scale_b": "i32", "L": "i32",
+            "N": "i32", "num_l_blocks": "i32"}
+
+
 def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
     """Every (name, jit function, signature, constexprs, num_warps) the launchers can pick (worst-case flags)."""
     configs = []
@@ -218,32 +242,23 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
     for x_ty, p_ty, dtype in (("fp32", "fp32", torch.float32), ("bf16", "fp32", torch.bfloat16),
                               ("fp64", "fp64", torch.float64)):
         acc = "fp64" if x_ty == "fp64" else "fp32"
-        seen = set()
-        for n in widths:
-            if dtype == torch.float64 and n > MAX_SINGLE_TILE // 2:
-                continue
-            cfg = _config(n, dtype)
-            key = tuple(cfg.items())
-            if key in seen:
-                continue
-            seen.add(key)
-            meta = {k: v for k, v in cfg.items() if k != "num_warps"}
-            for is_rms in (False, True):
-                consts = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": True, **meta}
-                fwd_sig = {"X": f"*{x_ty}", "SCALE": f"*{x_ty}", "SHIFT": f"*{x_ty}", "Y": f"*{x_ty}",
-                           "W": f"*{p_ty}", "B": f"*{p_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}",
-                           "stride_xb": "i32", "stride_xl": "i32", "stride_scale_b": "i32", "stride_shift_b": "i32",
-                           "L": "i32", "M": "i32", "N": "i32", "eps": "fp32"}
-                bwd_sig = {"DY": f"*{x_ty}", "X": f"*{x_ty}", "SCALE": f"*{x_ty}", "W": f"*{p_ty}",
-                           "B": f"*{p_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}", "DX": f"*{x_ty}",
-                           "DSCALE_partial": f"*{acc}", "DSHIFT_partial": f"*{acc}", "DW_partial": f"*{acc}",
-                           "DB_partial": f"*{acc}", "stride_dyb": "i32", "stride_dyl": "i32", "stride_xb": "i32",
-                           "stride_xl": "i32", "stride_scale_b": "i32", "L": "i32", "N": "i32",
-                           "num_l_blocks": "i32"}
-                tag = f"{'rms' if is_rms else 'ln'}[{x_ty}/{p_ty}] BLOCK_N={meta['BLOCK_N']} " \
-                      f"R={meta['ROWS_PER_PROGRAM']}"
-                for name, fn, sig in (("ada_norm_fwd", ada_norm_fwd_kernel, fwd_sig),
-                                      ("ada_norm_bwd", ada_norm_bwd_kernel, bwd_sig)):
+        for backward in (False, True):
+            seen = set()
+            for n in widths:
+                if not _fits(n, dtype, backward):
+                    continue
+                cfg = _config(n, dtype, backward)
+                key = tuple(cfg.items())
+                if key in seen:
+                    continue
+                seen.add(key)
+                meta = {k: v for k, v in cfg.items() if k != "num_warps"}
+                for is_rms in (False, True):
+                    consts = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": True, **meta}
+                    tag = f"{'rms' if is_rms else 'ln'}[{x_ty}/{p_ty}] BLOCK_N={meta['BLOCK_N']} " \
+                          f"R={meta['ROWS_PER_PROGRAM']}"
+                    name, fn, sig = ("ada_norm_bwd", ada_norm_bwd_kernel, _bwd_sig(x_ty, p_ty, acc)) if backward \
+                        else ("ada_norm_fwd", ada_norm_fwd_kernel, _fwd_sig(x_ty, p_ty, acc))
                     configs.append((f"{name} {tag}", fn, {**sig, **dict.fromkeys(consts, "constexpr")},
                                     dict(consts), cfg["num_warps"]))
     return configs

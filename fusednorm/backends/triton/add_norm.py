@@ -19,8 +19,19 @@ import triton.language as tl
 from torch import Tensor
 
 from fusednorm.backends.reference_variants import dropout_scale, dropout_threshold
-from fusednorm.backends.triton.layer_norm import _device_ctx, persistent_programs, row_norm_config
+from fusednorm.backends.triton.layer_norm import (
+    MAX_SINGLE_TILE,
+    _device_ctx,
+    persistent_programs,
+    row_norm_config,
+)
 from fusednorm.backends.triton.welford import row_stats, welford_merge
+
+
+def add_norm_bwd_config(n: int, dtype: torch.dtype) -> dict[str, int | bool]:
+    """Backward meta-parameters: ``row_norm_config``'s backward choice (lower single-tile limit: backward keeps
+    more row-sized values live, and the forward's 16K-wide tile would spill)."""
+    return row_norm_config(n, dtype, backward=True)
 
 
 @triton.jit
@@ -310,7 +321,7 @@ def add_norm_bwd(
     """See ``fusednorm.backends.reference_variants.add_norm_bwd``."""
     m, n = s.shape
     acc = rstd.dtype
-    cfg = row_norm_config(n, acc if acc == torch.float64 else s.dtype)
+    cfg = add_norm_bwd_config(n, acc if acc == torch.float64 else s.dtype)
     row_blocks = triton.cdiv(m, cfg["ROWS_PER_PROGRAM"])
     per_sm = 1 if not cfg["SINGLE_TILE"] else (4 if cfg["BLOCK_N"] * cfg["ROWS_PER_PROGRAM"] <= 4096 else 2)
     programs = persistent_programs(s, row_blocks, per_sm)
@@ -336,6 +347,20 @@ def add_norm_bwd(
 # ---- offline compilation list --------------------------------------------------------------------------
 
 
+def _fwd_sig(x_ty: str, p_ty: str, s_ty: str, acc: str) -> dict[str, str]:
+    return {"X": f"*{x_ty}", "R": f"*{s_ty}", "S": f"*{s_ty}", "Y": f"*{x_ty}", "W": f"*{p_ty}", "B": f"*{p_ty}",
+            "Mean": f"*{acc}", "Rstd": f"*{acc}", "stride_x_row": "i32", "stride_r_row": "i32",
+            "stride_s_row": "i32", "stride_y_row": "i32", "M": "i32", "N": "i32", "eps": "fp32",
+            "drop_scale": "fp32", "seed": "i32", "threshold": "i32"}
+
+
+def _bwd_sig(x_ty: str, p_ty: str, s_ty: str, acc: str) -> dict[str, str]:
+    return {"DY": f"*{x_ty}", "DS": f"*{s_ty}", "S": f"*{s_ty}", "W": f"*{p_ty}", "Mean": f"*{acc}",
+            "Rstd": f"*{acc}", "DX": f"*{x_ty}", "DR": f"*{s_ty}", "DW_partial": f"*{acc}", "DB_partial": f"*{acc}",
+            "stride_dy_row": "i32", "stride_ds_row": "i32", "stride_s_row": "i32", "stride_dx_row": "i32",
+            "stride_dr_row": "i32", "M": "i32", "N": "i32", "drop_scale": "fp32", "seed": "i32", "threshold": "i32"}
+
+
 def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
     """Every (name, JITFunction, signature, constexprs, num_warps) the launchers can pick, worst-case flags.
 
@@ -343,37 +368,30 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
     with fp32 parameters and an fp32 residual stream (residual_in_fp32), and fp64; residual, dropout, weight and
     bias on (prenorm gradient on in backward), LayerNorm and RMSNorm.
     """
-    from fusednorm.backends.triton.layer_norm import MAX_SINGLE_TILE
-
     widths = [1 << k for k in range(MAX_SINGLE_TILE.bit_length())] + [MAX_SINGLE_TILE + 1]
     configs = []
     for x_ty, p_ty, s_ty, dtype in (("fp32", "fp32", "fp32", torch.float32), ("bf16", "fp32", "fp32", torch.bfloat16),
                                     ("fp64", "fp64", "fp64", torch.float64)):
         acc = "fp64" if x_ty == "fp64" else "fp32"
-        seen = set()
-        for n in widths:
-            cfg = row_norm_config(n, dtype)
-            key = tuple(cfg.items())
-            if key in seen:
-                continue
-            seen.add(key)
-            meta = {k: v for k, v in cfg.items() if k != "num_warps"}
-            for is_rms in (False, True):
-                flags = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": not is_rms, "HAS_RESIDUAL": True,
-                         "HAS_DROPOUT": True}
-                fwd_sig = {"X": f"*{x_ty}", "R": f"*{s_ty}", "S": f"*{s_ty}", "Y": f"*{x_ty}", "W": f"*{p_ty}",
-                           "B": f"*{p_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}", "stride_x_row": "i32",
-                           "stride_r_row": "i32", "stride_s_row": "i32", "stride_y_row": "i32", "M": "i32",
-                           "N": "i32", "eps": "fp32", "drop_scale": "fp32", "seed": "i32", "threshold": "i32"}
-                bwd_sig = {"DY": f"*{x_ty}", "DS": f"*{s_ty}", "S": f"*{s_ty}", "W": f"*{p_ty}", "Mean": f"*{acc}",
-                           "Rstd": f"*{acc}", "DX": f"*{x_ty}", "DR": f"*{s_ty}", "DW_partial": f"*{acc}",
-                           "DB_partial": f"*{acc}", "stride_dy_row": "i32", "stride_ds_row": "i32",
-                           "stride_s_row": "i32", "stride_dx_row": "i32", "stride_dr_row": "i32", "M": "i32",
-                           "N": "i32", "drop_scale": "fp32", "seed": "i32", "threshold": "i32"}
-                tag = f"{'rms' if is_rms else 'ln'}[{x_ty}/{p_ty}/{s_ty}] BLOCK_N={meta['BLOCK_N']} " \
-                      f"R={meta['ROWS_PER_PROGRAM']} {'single' if meta['SINGLE_TILE'] else 'chunked'}"
-                for name, fn, sig, extra in (("add_norm_fwd", add_norm_fwd_kernel, fwd_sig, {}),
-                                             ("add_norm_bwd", add_norm_bwd_kernel, bwd_sig, {"HAS_DS": True})):
+        for direction, config_fn in (("fwd", row_norm_config), ("bwd", add_norm_bwd_config)):
+            seen = set()
+            for n in widths:
+                cfg = config_fn(n, dtype)
+                key = tuple(cfg.items())
+                if key in seen:
+                    continue
+                seen.add(key)
+                meta = {k: v for k, v in cfg.items() if k != "num_warps"}
+                for is_rms in (False, True):
+                    flags = {"IS_RMS": is_rms, "HAS_WEIGHT": True, "HAS_BIAS": not is_rms, "HAS_RESIDUAL": True,
+                             "HAS_DROPOUT": True}
+                    tag = f"{'rms' if is_rms else 'ln'}[{x_ty}/{p_ty}/{s_ty}] BLOCK_N={meta['BLOCK_N']} " \
+                          f"R={meta['ROWS_PER_PROGRAM']} {'single' if meta['SINGLE_TILE'] else 'chunked'}"
+                    if direction == "fwd":
+                        name, fn, sig, extra = "add_norm_fwd", add_norm_fwd_kernel, _fwd_sig(x_ty, p_ty, s_ty, acc), {}
+                    else:
+                        name, fn, sig, extra = ("add_norm_bwd", add_norm_bwd_kernel, _bwd_sig(x_ty, p_ty, s_ty, acc),
+                                                {"HAS_DS": True})
                     consts = {**flags, **extra, **meta}
                     configs.append((f"{name} {tag}", fn, {**sig, **dict.fromkeys(consts, "constexpr")}, consts,
                                     cfg["num_warps"]))

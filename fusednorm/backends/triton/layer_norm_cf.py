@@ -23,6 +23,8 @@ from fusednorm.backends.triton.layer_norm import _device_ctx, persistent_program
 from fusednorm.backends.triton.welford import welford_merge
 
 MAX_SINGLE_C = 512
+# Backward keeps x, dy, xhat and g tiles live: its single-tile limit and tile are smaller (ptxas: no spills).
+MAX_SINGLE_C_BWD = 256
 TILE_ELEMENTS = 4096
 CHUNK_C = 64
 CHUNK_P = 64
@@ -177,15 +179,18 @@ def layer_norm_cf_bwd_kernel(
             tl.store(DB_partial + partial_row + cs, db_acc, mask=c_mask)
 
 
-def layer_norm_cf_config(c: int) -> dict[str, int | bool]:
-    """BLOCK_C, BLOCK_P, SINGLE_TILE, num_warps for C channels (a function of C only: no recompiles per shape)."""
-    if c <= MAX_SINGLE_C:
+def layer_norm_cf_config(c: int, dtype: torch.dtype = torch.float32, backward: bool = False) -> dict[str, int | bool]:
+    """BLOCK_C, BLOCK_P, SINGLE_TILE, num_warps for C channels: a function of (C, dtype, direction) only (no
+    recompiles per shape). fp64 and the backward get smaller register tiles."""
+    limit = MAX_SINGLE_C_BWD if backward else MAX_SINGLE_C
+    tile = TILE_ELEMENTS // (2 if backward else 1) // (2 if dtype == torch.float64 else 1)
+    if c <= limit:
         block_c = triton.next_power_of_2(c)
-        block_p = max(16, min(256, TILE_ELEMENTS // block_c))
+        block_p = max(16, min(256, tile // block_c))
         single = True
     else:
         block_c, block_p, single = CHUNK_C, CHUNK_P, False
-    num_warps = min(8, max(1, block_c * block_p // 512))
+    num_warps = min(16 if backward else 8, max(1, block_c * block_p // (256 if backward else 512)))
     return {"BLOCK_C": block_c, "BLOCK_P": block_p, "SINGLE_TILE": single, "num_warps": num_warps}
 
 
@@ -202,7 +207,7 @@ def layer_norm_cf_fwd(
     y = torch.empty_like(x)  # keeps x's strides for a dense x (NCHW or channels_last)
     mean = torch.empty((n, p), dtype=acc, device=x.device)
     rstd = torch.empty((n, p), dtype=acc, device=x.device)
-    cfg = layer_norm_cf_config(c)
+    cfg = layer_norm_cf_config(c, x.dtype)
     num_p_blocks = triton.cdiv(p, cfg["BLOCK_P"])
     with _device_ctx(x):
         layer_norm_cf_fwd_kernel[(n * num_p_blocks,)](
@@ -218,7 +223,7 @@ def layer_norm_cf_bwd(
     """See ``fusednorm.backends.reference_variants.layer_norm_cf_bwd``."""
     n, c, p = x.shape
     acc = rstd.dtype
-    cfg = layer_norm_cf_config(c)
+    cfg = layer_norm_cf_config(c, x.dtype, backward=True)
     num_p_blocks = triton.cdiv(p, cfg["BLOCK_P"])
     tiles = n * num_p_blocks
     programs = persistent_programs(x, tiles, 4 if cfg["SINGLE_TILE"] else 2)
@@ -245,29 +250,31 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
     """
     configs = []
     widths = [1 << k for k in range(MAX_SINGLE_C.bit_length())] + [MAX_SINGLE_C + 1]
-    for x_ty, p_ty in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+    strides = lambda pre: {f"stride_{pre}{d}": "i32" for d in "ncp"}  # noqa: E731
+    for x_ty, p_ty, dtype in (("fp32", "fp32", torch.float32), ("bf16", "fp32", torch.bfloat16),
+                              ("fp64", "fp64", torch.float64)):
         acc = "fp64" if x_ty == "fp64" else "fp32"
-        seen = set()
-        for c in widths:
-            cfg = layer_norm_cf_config(c)
-            key = tuple(cfg.items())
-            if key in seen:
-                continue
-            seen.add(key)
-            meta = {k: v for k, v in cfg.items() if k != "num_warps"}
-            consts = {"HAS_WEIGHT": True, "HAS_BIAS": True, **meta}
-            strides = lambda pre: {f"stride_{pre}{d}": "i32" for d in "ncp"}  # noqa: E731
-            fwd_sig = {"X": f"*{x_ty}", "Y": f"*{x_ty}", "W": f"*{p_ty}", "B": f"*{p_ty}", "Mean": f"*{acc}",
-                       "Rstd": f"*{acc}", **strides("x"), **strides("y"), "C": "i32", "P": "i32",
-                       "num_p_blocks": "i32", "eps": "fp32"}
-            bwd_sig = {"DY": f"*{x_ty}", "X": f"*{x_ty}", "W": f"*{p_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}",
-                       "DX": f"*{x_ty}", "DW_partial": f"*{acc}", "DB_partial": f"*{acc}", **strides("dy"),
-                       **strides("x"), **strides("dx"), "C": "i32", "P": "i32", "num_p_blocks": "i32",
-                       "num_tiles": "i32"}
-            tag = f"[{x_ty}/{p_ty}] BLOCK_C={meta['BLOCK_C']} BLOCK_P={meta['BLOCK_P']} " \
-                  f"{'single' if meta['SINGLE_TILE'] else 'chunked'}"
-            for name, fn, sig in (("layer_norm_cf_fwd", layer_norm_cf_fwd_kernel, fwd_sig),
-                                  ("layer_norm_cf_bwd", layer_norm_cf_bwd_kernel, bwd_sig)):
+        fwd_sig = {"X": f"*{x_ty}", "Y": f"*{x_ty}", "W": f"*{p_ty}", "B": f"*{p_ty}", "Mean": f"*{acc}",
+                   "Rstd": f"*{acc}", **strides("x"), **strides("y"), "C": "i32", "P": "i32",
+                   "num_p_blocks": "i32", "eps": "fp32"}
+        bwd_sig = {"DY": f"*{x_ty}", "X": f"*{x_ty}", "W": f"*{p_ty}", "Mean": f"*{acc}", "Rstd": f"*{acc}",
+                   "DX": f"*{x_ty}", "DW_partial": f"*{acc}", "DB_partial": f"*{acc}", **strides("dy"),
+                   **strides("x"), **strides("dx"), "C": "i32", "P": "i32", "num_p_blocks": "i32",
+                   "num_tiles": "i32"}
+        for backward in (False, True):
+            seen = set()
+            for c in widths:
+                cfg = layer_norm_cf_config(c, dtype, backward)
+                key = tuple(cfg.items())
+                if key in seen:
+                    continue
+                seen.add(key)
+                meta = {k: v for k, v in cfg.items() if k != "num_warps"}
+                consts = {"HAS_WEIGHT": True, "HAS_BIAS": True, **meta}
+                tag = f"[{x_ty}/{p_ty}] BLOCK_C={meta['BLOCK_C']} BLOCK_P={meta['BLOCK_P']} " \
+                      f"{'single' if meta['SINGLE_TILE'] else 'chunked'}"
+                name, fn, sig = ("layer_norm_cf_bwd", layer_norm_cf_bwd_kernel, bwd_sig) if backward else \
+                    ("layer_norm_cf_fwd", layer_norm_cf_fwd_kernel, fwd_sig)
                 configs.append((f"{name} {tag}", fn, {**sig, **dict.fromkeys(consts, "constexpr")}, dict(consts),
                                 cfg["num_warps"]))
     return configs
