@@ -3,6 +3,11 @@
 #
 #   bash bench/run_gpu.sh OUTDIR [extra fusednorm-bench args...]     (PYTHON=... to pick the interpreter)
 #
+# Environment: PRESETS="default llm diffusion" (which presets, in order), SKIP_TESTS=1 (benchmarks only).
+# The llm and diffusion presets take tens of minutes with torch.compile (it compiles every case); to split the
+# work, run the presets in separate calls (PRESETS=llm SKIP_TESTS=1 ...) or leave torch.compile out with
+# `--provider triton native torch liger apex flash_attn quack`.
+#
 # Writes into OUTDIR: nvidia-smi.txt, tests.txt + tests.xml (pytest tests -m "not slow" on the CUDA device),
 # for each preset P in (default llm diffusion): P.txt (the table), P.csv, P.json (with device, versions, git
 # commit), P.md and P.png; kernels.txt (register/spill report of the Triton kernels). Runs every step even
@@ -34,11 +39,13 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 # The test suite on the GPU: Triton compiles for the device instead of running in its interpreter
 # (tests/conftest.py only sets TRITON_INTERPRET when it is unset), and FUSEDNORM_TEST_DEVICE asks the tests
 # for CUDA tensors where they support choosing.
-TRITON_INTERPRET=0 FUSEDNORM_TEST_DEVICE=cuda "$PY" -m pytest tests -m "not slow" -q -p no:cacheprovider \
-    --junitxml "$out/tests.xml" 2>&1 | tee "$out/tests.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "run_gpu.sh: GPU test suite failed" >&2; status=1; }
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+    TRITON_INTERPRET=0 FUSEDNORM_TEST_DEVICE=cuda "$PY" -m pytest tests -m "not slow" -q -p no:cacheprovider \
+        --junitxml "$out/tests.xml" 2>&1 | tee "$out/tests.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "run_gpu.sh: GPU test suite failed" >&2; status=1; }
+fi
 
-for preset in default llm diffusion; do
+for preset in ${PRESETS:-default llm diffusion}; do
     echo "== fusednorm-bench --preset $preset" >&2
     "$PY" -m fusednorm.bench --preset "$preset" --device cuda --quiet \
         --csv "$out/$preset.csv" --json "$out/$preset.json" --md "$out/$preset.md" --plot "$out/$preset.png" \
