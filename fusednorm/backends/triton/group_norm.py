@@ -46,8 +46,10 @@ from torch import Tensor
 
 from fusednorm.backends.triton.welford import welford_combine, welford_merge
 
-# Elements per tile (a power of two); a tile is (BLOCK_C, BLOCK_S) with BLOCK_C * BLOCK_S == TILE.
+# Elements per tile (a power of two); a tile is (BLOCK_C, BLOCK_S) with BLOCK_C * BLOCK_S == TILE. fp64 tiles are
+# half as large: 8 fp64 values per thread pushed the backward past 128 registers into spills.
 TILE = 2048
+TILE_FP64 = 1024
 NUM_WARPS = 8
 # Partials merged per step when a group's SPLIT partials are combined (fixed: SPLIT may change with the batch).
 PARTIAL_BLOCK = 64
@@ -362,14 +364,15 @@ def _bucket(v: int, choices: tuple[int, ...]) -> int:
     return choices[-1]
 
 
-def group_norm_config(cg: int, s: int, channels_last: bool) -> dict[str, int]:
+def group_norm_config(cg: int, s: int, channels_last: bool, dtype: torch.dtype = torch.float32) -> dict[str, int]:
     """Tile shape for groups of ``cg`` channels x ``s`` spatial elements: a function of coarse buckets of the
-    unit-stride extent (S for NCHW, Cg for channels_last) and the layout only. Returns BLOCK_C, BLOCK_S."""
+    unit-stride extent (S for NCHW, Cg for channels_last), the layout and fp64-or-not. Returns BLOCK_C, BLOCK_S."""
+    tile = TILE_FP64 if dtype == torch.float64 else TILE
     if channels_last:
         block_c = _bucket(cg, NHWC_BLOCK_C)
-        return {"BLOCK_C": block_c, "BLOCK_S": TILE // block_c}
+        return {"BLOCK_C": block_c, "BLOCK_S": tile // block_c}
     block_s = _bucket(s, NCHW_BLOCK_S)
-    return {"BLOCK_C": TILE // block_s, "BLOCK_S": block_s}
+    return {"BLOCK_C": tile // block_s, "BLOCK_S": block_s}
 
 
 @functools.cache
@@ -427,7 +430,7 @@ class _Geometry:
         self.fmt = _memory_format(x)
         # With S == 1 the channels are the contiguous axis whatever the format says.
         self.channels_last = self.s == 1 or self.fmt != torch.contiguous_format
-        self.cfg = group_norm_config(self.cg, self.s, self.channels_last)
+        self.cfg = group_norm_config(self.cg, self.s, self.channels_last, x.dtype)
         self.tiles_s = triton.cdiv(self.s, self.cfg["BLOCK_S"])
         self.num_tiles = triton.cdiv(self.cg, self.cfg["BLOCK_C"]) * self.tiles_s
         self.split, self.per_prog = split_plan(self.n * self.g, self.num_tiles, _target_programs(x))
@@ -564,7 +567,6 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
     bf16 input with fp32 parameters; fp64) and 64-bit strides. Returns tuples (name "kernel tag", jit function,
     signature (constexpr entries included), constexprs, num_warps) for ``triton.compiler.ASTSource``."""
     dtype_sets = [("fp32", "fp32", "fp32"), ("bf16", "fp32", "fp32"), ("fp64", "fp64", "fp64")]
-    tiles = [(False, TILE // bs, bs) for bs in NCHW_BLOCK_S] + [(True, bc, TILE // bc) for bc in NHWC_BLOCK_C]
     geo = {"G": "i32", "cg": "i32", "S": "i32", "tiles_s": "i32", "tiles_per_prog": "i32", "num_tiles": "i32"}
     out = []
 
@@ -573,6 +575,8 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
                     NUM_WARPS))
 
     for xd, pd, ad in dtype_sets:
+        elems = TILE_FP64 if xd == "fp64" else TILE
+        tiles = [(False, elems // bs, bs) for bs in NCHW_BLOCK_S] + [(True, bc, elems // bc) for bc in NHWC_BLOCK_C]
         for cl, bc, bs in tiles:
             tile = {"CHANNELS_LAST": cl, "BLOCK_C": bc, "BLOCK_S": bs}
             tag = f"[{xd}/{pd}] {'nhwc' if cl else 'nchw'} BLOCK_C={bc} BLOCK_S={bs}"
