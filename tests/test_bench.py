@@ -326,6 +326,9 @@ def test_scaled_error():
     assert scaled_error(torch.tensor([1.0, float("nan"), 4.0]), ref) == math.inf
     assert scaled_error(torch.ones(2), ref) == math.inf
     assert scaled_error(None, ref) == math.inf
+    with_nan = torch.tensor([1.0, float("nan"), 4.0], dtype=torch.float64)
+    assert scaled_error(torch.tensor([1.0, float("nan"), 4.0]), with_nan) == 0.0  # NaN where torch has NaN
+    assert scaled_error(torch.tensor([1.0, 2.0, 4.0]), with_nan) == math.inf
 
 
 # ---- end to end: outputs -------------------------------------------------------------------------------

@@ -154,15 +154,20 @@ def collect(case: Case, call: Call, t: Inputs) -> dict[str, Tensor]:
 
 
 def scaled_error(out: Tensor | None, ref: Tensor) -> float:
-    """max|out - ref| / max(max|ref|, 1e-6) in float64; inf on a missing tensor, wrong shape or non-finite."""
+    """max|out - ref| / max(max|ref|, 1e-6) in float64 over ref's finite elements; inf on a missing tensor, a
+    wrong shape, or a NaN/inf pattern that differs from the reference's."""
     if out is None or tuple(out.shape) != tuple(ref.shape):
         return math.inf
+    if ref.numel() == 0:
+        return 0.0
     a = out.detach().to(torch.float64)
-    bad = ~torch.isfinite(a) & torch.isfinite(ref)
-    if bool(bad.any()):
+    finite = torch.isfinite(ref)
+    if bool((torch.isfinite(a) != finite).any()):  # a NaN/inf where torch has none, or the reverse
         return math.inf
-    scale = max(float(ref.abs().max()) if ref.numel() else 0.0, 1e-6)
-    return float((a - ref).abs().max()) / scale if ref.numel() else 0.0
+    if not bool(finite.any()):
+        return 0.0
+    scale = max(float(ref[finite].abs().max()), 1e-6)
+    return float((a[finite] - ref[finite]).abs().max()) / scale
 
 
 def compare(
