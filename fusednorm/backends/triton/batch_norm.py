@@ -16,9 +16,10 @@ launches on views. Memory offsets are int64.
 Kernels (one family, constexpr flags pick the variant):
 
 - ``bn_reduce_kernel``: grid (channel programs, splits). Each program walks its share of one channel's (or
-  one channel block's) tiles. Statistics (``IS_BWD=False``): exact two-step (mean, M2) per tile merged with
-  Chan's formula into (count, mean, M2). Backward (``IS_BWD=True``): sum(dy) and sum(dy * xhat) in fp32
-  registers. Each program writes its own partial row: no atomics, deterministic.
+  one channel block's) tiles. Statistics (``IS_BWD=False``): two-step (mean, M2) per tile of x - shift (the
+  program's first value of the channel, so a large |mean| costs no digits), merged with Chan's formula into
+  (count, mean, M2). Backward (``IS_BWD=True``): sum(dy) and sum(dy * xhat) in acc-dtype registers. Each
+  program writes its own partial row: no atomics, deterministic.
 - ``bn_merge_kernel``: merges the (splits, C) partials per channel (Chan merge, or a plain ordered sum).
 - ``bn_elementwise_kernel``: y = (x - mean) * rstd * w + b, or dX (training / eval formula); one read of each
   input, one write.
@@ -30,6 +31,7 @@ only; N, the split count and all strides are runtime arguments, so a new batch s
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -37,7 +39,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusednorm.backends.triton.layer_norm import persistent_programs
 from fusednorm.backends.triton.welford import welford_merge
 
 # Elements per tile (per program iteration). fp64 tiles are halved to keep the same register footprint.
@@ -401,6 +402,19 @@ def elementwise_config(channels_last: bool, c: int, s: int, dtype: torch.dtype) 
     return {"BLOCK_R": tile // block_col, "BLOCK_COL": block_col, "num_warps": _warps(tile)}
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(x: Tensor) -> int:
+    """Programs a reduction grid should have: REDUCE_PROGRAMS_PER_SM per SM (4 SMs under the interpreter)."""
+    if not x.is_cuda:
+        return 4 * REDUCE_PROGRAMS_PER_SM
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _sm_count(index) * REDUCE_PROGRAMS_PER_SM
+
+
 def _device(x: Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -425,7 +439,7 @@ def _reduce(x: Tensor, dy: Tensor | None, mean: Tensor | None, rstd: Tensor | No
         total_tiles = triton.cdiv(n, block_r) * triton.cdiv(s, block_col)
         channel_programs = c
     # Split each channel's reduction until the grid has about REDUCE_PROGRAMS_PER_SM programs per SM.
-    target = persistent_programs(x, 1 << 30, REDUCE_PROGRAMS_PER_SM)
+    target = _target_programs(x)
     splits = max(1, min(total_tiles, triton.cdiv(target, channel_programs), 65535))
     tiles_per_program = triton.cdiv(total_tiles, splits)
     splits = triton.cdiv(total_tiles, tiles_per_program)
