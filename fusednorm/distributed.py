@@ -8,6 +8,10 @@ a rounded invstd and never from E[x^2] - E[x]^2. Backward: ONE ``all_reduce`` of
 Uneven batches and ranks with an empty batch work (an empty rank contributes count 0 and still joins both
 collectives). Counts stay on the device, so neither pass waits for the host. Works with NCCL (CUDA) and gloo
 (CPU). Weight and bias gradients are the local ones, as in torch: DDP averages them across ranks.
+
+Note: torch's DistributedDataParallel refuses any ``torch.nn.SyncBatchNorm`` (subclasses included) inside a
+CPU module, because torch's own kernels are GPU-only. fusednorm's run on CPU with gloo; to use them under DDP
+on CPU, subclass DDP with a no-op ``_passing_sync_batchnorm_handle`` (see tests/test_sync_batch_norm.py).
 """
 
 from __future__ import annotations
