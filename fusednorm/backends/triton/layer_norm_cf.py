@@ -24,7 +24,7 @@ from fusednorm.backends.triton.welford import welford_merge
 
 MAX_SINGLE_C = 512
 # Backward keeps x, dy, xhat and g tiles live: its single-tile limit and tile are smaller (ptxas: no spills).
-MAX_SINGLE_C_BWD = 256
+MAX_SINGLE_C_BWD = 128
 TILE_ELEMENTS = 4096
 CHUNK_C = 64
 CHUNK_P = 64
@@ -181,16 +181,21 @@ def layer_norm_cf_bwd_kernel(
 
 def layer_norm_cf_config(c: int, dtype: torch.dtype = torch.float32, backward: bool = False) -> dict[str, int | bool]:
     """BLOCK_C, BLOCK_P, SINGLE_TILE, num_warps for C channels: a function of (C, dtype, direction) only (no
-    recompiles per shape). fp64 and the backward get smaller register tiles."""
-    limit = MAX_SINGLE_C_BWD if backward else MAX_SINGLE_C
-    tile = TILE_ELEMENTS // (2 if backward else 1) // (2 if dtype == torch.float64 else 1)
+    recompiles per shape). The backward (x, dy, xhat and g tiles live) gets smaller tiles, at most 8 warps (so
+    up to 255 registers per thread), and for fp64 a lower single-tile limit: checked with ptxas, no spills."""
+    fp64 = dtype == torch.float64
+    if backward:  # 8 (fp32) / 4 (fp64) tile elements per thread
+        limit = MAX_SINGLE_C_BWD // 2 if fp64 else MAX_SINGLE_C_BWD
+        tile, per_warp = (TILE_ELEMENTS // 4, 128) if fp64 else (TILE_ELEMENTS // 2, 256)
+    else:
+        limit, tile, per_warp = MAX_SINGLE_C, TILE_ELEMENTS // (2 if fp64 else 1), 512
     if c <= limit:
         block_c = triton.next_power_of_2(c)
         block_p = max(16, min(256, tile // block_c))
         single = True
     else:
         block_c, block_p, single = CHUNK_C, CHUNK_P, False
-    num_warps = min(16 if backward else 8, max(1, block_c * block_p // (256 if backward else 512)))
+    num_warps = min(8, max(1, block_c * block_p // per_warp))
     return {"BLOCK_C": block_c, "BLOCK_P": block_p, "SINGLE_TILE": single, "num_warps": num_warps}
 
 
