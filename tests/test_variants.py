@@ -634,3 +634,42 @@ def test_opcheck(case):
             out = op(*args)
             bop, bargs = bwd(out)
             torch.library.opcheck(bop, bargs)
+
+
+@pytest.mark.skipif("native" not in ADD_BACKENDS, reason="the native extension was built without csrc/cpu/variants.cpp")
+def test_native_variant_ops_opcheck():
+    ops = torch.ops.fusednorm_C
+    x, r, w, b = torch.randn(5, 24), torch.randn(5, 24), torch.randn(24), torch.randn(24)
+    torch.library.opcheck(ops.add_norm_fwd.default, (x, r, w, b, 1e-5, False, True, 1.25, 3, 3355443, torch.float32))
+    y, s, mean, rstd = ops.add_norm_fwd(x, r, w, b, 1e-5, False, True, 1.25, 3, 3355443, torch.float32)
+    torch.library.opcheck(ops.add_norm_bwd.default, (torch.randn(5, 24), torch.randn(5, 24), s, w, b, mean, rstd,
+                                                     False, True, 1.25, 3, 3355443, torch.float32, True,
+                                                     torch.float32))
+    if hasattr(ops, "plane_stats"):
+        x4 = torch.randn(2, 6, 15)
+        torch.library.opcheck(ops.layer_norm_cf_fwd.default, (x4, torch.randn(6), torch.randn(6), 1e-6))
+        torch.library.opcheck(ops.weight_norm_fwd.default, (torch.randn(4, 10), torch.rand(4) + 0.5))
+        planes = torch.randn(12, 15)
+        torch.library.opcheck(ops.plane_stats.default, (planes,))
+        c = torch.randn(12)
+        torch.library.opcheck(ops.plane_bwd_dx.default, (torch.randn(12, 15), planes, c, c, c, c))
+
+
+@pytest.mark.parametrize("backend", ADD_BACKENDS[:1] + SN_BACKENDS[-1:])
+def test_torch_compile_fullgraph(backend):
+    # The custom ops are opaque to the compiler: whole-graph capture with forward and backward through them.
+    x = torch.randn(4, 32, requires_grad=True)
+    r = torch.randn(4, 32)
+    w = torch.randn(32, requires_grad=True)
+    with fusednorm.use_backend(backend):
+        f = torch.compile(lambda x, r, w: F.add_rms_norm(x, r, w, prenorm=True), backend="aot_eager",
+                          fullgraph=True)
+        y, s = f(x, r, w)
+        (y.sum() + s.square().sum()).backward()
+        ref_y, ref_s = F.add_rms_norm(x.detach(), r, w.detach(), prenorm=True)
+        torch.testing.assert_close(y, ref_y)
+        ln2d = fusednorm.LayerNorm2d(8)
+        g = torch.compile(ln2d, backend="aot_eager", fullgraph=True)
+        xi = torch.randn(2, 8, 3, 3, requires_grad=True)
+        g(xi).sum().backward()
+        assert xi.grad is not None and torch.isfinite(xi.grad).all()
