@@ -399,6 +399,9 @@ def test_kernels_report_table(monkeypatch, capsys):
     assert "1 with errors or spills" in out
     assert cli.main(["--kernels", "--archs", "80"]) == 0
     assert "ln_bwd" not in capsys.readouterr().out
+    seen = {}
+    fake.compile_report = lambda archs=(80, 90), families=None: seen.update(families=families) or rows[:1]
+    assert cli.main(["--kernels", "--family", "layer_norm"]) == 0 and seen["families"] == ("layer_norm",)
 
 
 def test_import_fusednorm_does_not_import_the_bench():

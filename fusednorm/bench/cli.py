@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--list", action="store_true", help="list the selected cases and providers; run nothing")
     out.add_argument("--kernels", action="store_true", help="print the Triton kernels' compile report and exit")
     out.add_argument("--archs", default="80,90", help="GPU archs for --kernels (default 80,90)")
+    out.add_argument("--family", nargs="+", metavar="NAME",
+                     help="with --kernels: only these kernel files (e.g. layer_norm group_norm)")
     return p
 
 
@@ -127,7 +129,8 @@ def _kernels(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    rows = compile_report(archs=archs)
+    kwargs = {"families": tuple(args.family)} if args.family else {}
+    rows = compile_report(archs=archs, **kwargs)
     print_kernels(rows)
     return 0 if rows and all(r.get("ok") and not r.get("spill_bytes") and not r.get("spills") for r in rows) else 1
 
