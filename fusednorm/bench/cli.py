@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest input checked in full; bigger cases are checked with fewer rows/batch")
     meth.add_argument("--no-memory", action="store_true", help="do not measure peak extra memory")
     meth.add_argument("--seed", type=int, default=0)
+    meth.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a busy machine)")
     out = p.add_argument_group("output")
     out.add_argument("--csv", metavar="PATH", help="write one row per (case, provider)")
     out.add_argument("--json", metavar="PATH", help="write results plus environment (device, versions, commit)")
@@ -182,6 +184,8 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
     # torch warns once per mixed-dtype call that it cannot use its fused path; that is the case being measured
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     console = report.wide_console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     cpu = device.type == "cpu"
     timer = Timer(
