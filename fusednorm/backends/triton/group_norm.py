@@ -93,9 +93,31 @@ def _tile_range(tiles_s, tiles_per_prog, num_tiles):
 
 
 @triton.jit
+def _recip_ge1(d):
+    """1 / d for d >= 1. fp32: a plain division (div.full, no call). fp64: an fp32 seed refined by two Newton steps
+    to fp64 accuracy, because an fp64 IEEE division compiles to a slow-path subroutine whose call needs a stack
+    frame; d beyond the fp32 range gives 0 (the true value is then below 3e-39)."""
+    if d.dtype == tl.float64:
+        r = (1.0 / d.to(tl.float32)).to(tl.float64)
+        r = r * (2.0 - d * r)
+        return r * (2.0 - d * r)
+    else:
+        return 1.0 / d
+
+
+@triton.jit
+def _silu(y):
+    """silu(y) = y * sigmoid(y)."""
+    if y.dtype == tl.float64:
+        return y * _recip_ge1(1.0 + tl.exp(-y))
+    else:
+        return y / (1.0 + tl.exp(-y))
+
+
+@triton.jit
 def _silu_grad(dy, pre):
     """d silu(pre) / d pre * dy, with silu(p) = p * sigmoid(p)."""
-    sig = 1.0 / (1.0 + tl.exp(-pre))
+    sig = _recip_ge1(1.0 + tl.exp(-pre))
     return dy * sig * (1.0 + pre * (1.0 - sig))
 
 
@@ -205,7 +227,7 @@ def group_norm_apply_kernel(
             else:
                 y = xc * rstd2
             if SILU:
-                y = y / (1.0 + tl.exp(-y))
+                y = _silu(y)
             if stride_yo == stride_xo:
                 y_offs = offs
             else:
