@@ -653,6 +653,11 @@ def test_native_variant_ops_opcheck():
         torch.library.opcheck(ops.plane_stats.default, (planes,))
         c = torch.randn(12)
         torch.library.opcheck(ops.plane_bwd_dx.default, (torch.randn(12, 15), planes, c, c, c, c))
+    if hasattr(ops, "ada_norm_fwd"):
+        xa, sc = torch.randn(2, 3, 24), torch.randn(2, 24)
+        torch.library.opcheck(ops.ada_norm_fwd.default, (xa, sc, sc, w, b, 1e-6, False))
+        _, mean, rstd = ops.ada_norm_fwd(xa, sc, sc, w, b, 1e-6, False)
+        torch.library.opcheck(ops.ada_norm_bwd.default, (torch.randn(2, 3, 24), xa, sc, sc, w, b, mean, rstd, False))
 
 
 @pytest.mark.parametrize("backend", ADD_BACKENDS[:1] + SN_BACKENDS[-1:])

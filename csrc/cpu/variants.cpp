@@ -792,6 +792,154 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_bwd(const at::Tenso
   return {dx, w.defined() ? dw_acc.to(weight->scalar_type()) : empty, has_b ? db_acc.to(bias->scalar_type()) : empty};
 }
 
+
+// ==== adaptive LayerNorm / RMSNorm: x (B, L, D), y = norm(x) * (1 + scale[b]) + shift[b] ==================
+
+constexpr const char* kAdaNormFwd =
+    "ada_norm_fwd(Tensor x, Tensor scale, Tensor shift, Tensor? weight, Tensor? bias, float eps, bool is_rms) "
+    "-> (Tensor, Tensor, Tensor)";
+constexpr const char* kAdaNormBwd =
+    "ada_norm_bwd(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor? weight, Tensor? bias, Tensor mean, "
+    "Tensor rstd, bool is_rms) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
+
+// Last dim contiguous (a copy only otherwise); any stride for the leading dims.
+inline at::Tensor last_contig(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_norm_fwd(const at::Tensor& x_in, const at::Tensor& scale_in,
+                                                            const at::Tensor& shift_in,
+                                                            const c10::optional<at::Tensor>& weight,
+                                                            const c10::optional<at::Tensor>& bias, double eps,
+                                                            bool is_rms) {
+  TORCH_CHECK(x_in.dim() == 3, "fusednorm_C::ada_norm_fwd: x must be (B, L, D)");
+  const at::Tensor x = last_contig(x_in);
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
+  const at::Tensor sc = scale_in.to(acc).contiguous(), sh = shift_in.to(acc).contiguous();
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  at::Tensor y = at::empty({B, L, D}, x.options());
+  at::Tensor mean = at::empty(is_rms ? at::IntArrayRef{0} : at::IntArrayRef{B, L}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({B, L}, x.options().dtype(acc));
+  if (x.numel() == 0) return {y, mean, rstd};
+  dispatch_float(x.scalar_type(), [&](auto tv) {
+    using T = decltype(tv);
+    using A = acc_type<T>;
+    const T* xp = x.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const A *wp = w.defined() ? w.data_ptr<A>() : nullptr, *bp = b.defined() ? b.data_ptr<A>() : nullptr;
+    const A *scp = sc.data_ptr<A>(), *shp = sh.data_ptr<A>();
+    A* mp = is_rms ? nullptr : mean.data_ptr<A>();
+    A* rp = rstd.data_ptr<A>();
+    const int64_t sb = x.stride(0), sl = x.stride(1);
+    at::parallel_for(0, B * L, row_grain(D), [&](int64_t r0, int64_t r1) {
+      std::vector<A> a(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t bi = r / L, li = r % L;
+        to_acc(xp + bi * sb + li * sl, a.data(), D);
+        A mu = 0, rs;
+        if (is_rms) {
+          rs = A(1) / std::sqrt(vsum_sqdev(a.data(), D, A(0)) / A(D) + A(eps));
+        } else {
+          const auto st = stats_acc(a.data(), D);
+          mu = st.mean;
+          rs = A(1) / std::sqrt(st.m2 / A(D) + A(eps));
+          mp[r] = mu;
+        }
+        rp[r] = rs;
+        const A* s1 = scp + bi * D;
+        const A* s2 = shp + bi * D;
+        for (int64_t j = 0; j < D; ++j) {
+          A v = (a[j] - mu) * rs;
+          if (wp) v *= wp[j];
+          if (bp) v += bp[j];
+          a[j] = v * (A(1) + s1[j]) + s2[j];
+        }
+        from_acc(a.data(), yp + r * D, D);
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ada_norm_bwd(
+    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& shift_in,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& rstd, bool is_rms) {
+  const at::Tensor x = last_contig(x_in), dy = last_contig(dy_in.to(x_in.scalar_type()));
+  const auto acc = acc_scalar_type(x.scalar_type());
+  const at::Tensor w = param_acc(weight, acc), bb = param_acc(bias, acc);
+  const at::Tensor sc = scale_in.to(acc).contiguous();
+  const at::Tensor mc = is_rms ? mean : mean.to(acc).contiguous(), rc = rstd.to(acc).contiguous();
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  at::Tensor dx = at::empty({B, L, D}, x.options());
+  // Tasks: (batch, L-chunk) pairs, J chunks per batch; each writes its own partial rows, reduced in order.
+  const int64_t J = std::max<int64_t>(1, std::min<int64_t>(L, at::get_num_threads() / std::max<int64_t>(B, 1)));
+  const int64_t tasks = B * J;
+  at::Tensor pscale = at::zeros({tasks, D}, x.options().dtype(acc)), pshift = at::zeros({tasks, D}, pscale.options());
+  at::Tensor pw = at::zeros({w.defined() ? tasks : 0, D}, pscale.options());
+  at::Tensor pb = at::zeros({bb.defined() ? tasks : 0, D}, pscale.options());
+  if (x.numel() > 0) {
+    dispatch_float(x.scalar_type(), [&](auto tv) {
+      using T = decltype(tv);
+      using A = acc_type<T>;
+      const T* xp = x.data_ptr<T>();
+      const T* dyp = dy.data_ptr<T>();
+      T* dxp = dx.data_ptr<T>();
+      const A *wp = w.defined() ? w.data_ptr<A>() : nullptr, *bp = bb.defined() ? bb.data_ptr<A>() : nullptr;
+      const A* scp = sc.data_ptr<A>();
+      const A* mp = is_rms ? nullptr : mc.data_ptr<A>();
+      const A* rp = rc.data_ptr<A>();
+      A *psc = pscale.data_ptr<A>(), *psh = pshift.data_ptr<A>();
+      A* ppw = w.defined() ? pw.data_ptr<A>() : nullptr;
+      A* ppb = bb.defined() ? pb.data_ptr<A>() : nullptr;
+      const int64_t sxb = x.stride(0), sxl = x.stride(1), sdb = dy.stride(0), sdl = dy.stride(1);
+      at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) {
+        std::vector<A> xh(D), g(D);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t bi = k / J;
+          const auto [l0, l1] = block_range(L, J, k % J);
+          const A* s1 = scp + bi * D;
+          A *dsc = psc + k * D, *dsh = psh + k * D;
+          A* dwr = ppw ? ppw + k * D : nullptr;
+          A* dbr = ppb ? ppb + k * D : nullptr;
+          for (int64_t li = l0; li < l1; ++li) {
+            const int64_t r = bi * L + li;
+            to_acc(xp + bi * sxb + li * sxl, xh.data(), D);
+            to_acc(dyp + bi * sdb + li * sdl, g.data(), D);
+            const A mu = is_rms ? A(0) : mp[r], rs = rp[r];
+            A c1 = 0, c2 = 0;
+            for (int64_t j = 0; j < D; ++j) {
+              const A xv = (xh[j] - mu) * rs;
+              const A d = g[j];
+              const A nrm = (wp ? xv * wp[j] : xv) + (bp ? bp[j] : A(0));
+              dsc[j] += d * nrm;
+              dsh[j] += d;
+              const A dn = d * (A(1) + s1[j]);
+              if (dwr) dwr[j] += dn * xv;
+              if (dbr) dbr[j] += dn;
+              const A gg = wp ? dn * wp[j] : dn;
+              c1 += gg * xv;
+              c2 += gg;
+              xh[j] = xv;
+              g[j] = gg;
+            }
+            c1 /= A(D);
+            c2 = is_rms ? A(0) : c2 / A(D);
+            for (int64_t j = 0; j < D; ++j) g[j] = (g[j] - xh[j] * c1 - c2) * rs;
+            from_acc(g.data(), dxp + r * D, D);
+          }
+        }
+      });
+    });
+  }
+  // deterministic reductions of the task partials, in task order
+  at::Tensor dscale = pscale.view({B, J, D}).sum(1).to(scale_in.scalar_type());
+  at::Tensor dshift = pshift.view({B, J, D}).sum(1).to(shift_in.scalar_type());
+  at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor dw = w.defined() ? pw.sum(0).to(weight->scalar_type()) : empty;
+  at::Tensor db = bb.defined() ? pb.sum(0).to(bias->scalar_type()) : empty;
+  return {dx, dscale, dshift, dw, db};
+}
+
 }  // namespace variants
 }  // namespace cpu
 }  // namespace fusednorm
@@ -807,6 +955,8 @@ TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
   m.def(fusednorm::cpu::variants::kWeightNormBwd);
   m.def(fusednorm::cpu::variants::kLayerNormCfFwd);
   m.def(fusednorm::cpu::variants::kLayerNormCfBwd);
+  m.def(fusednorm::cpu::variants::kAdaNormFwd);
+  m.def(fusednorm::cpu::variants::kAdaNormBwd);
 }
 
 TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
@@ -820,4 +970,6 @@ TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
   m.impl("weight_norm_bwd", &fusednorm::cpu::variants::weight_norm_bwd);
   m.impl("layer_norm_cf_fwd", &fusednorm::cpu::variants::layer_norm_cf_fwd);
   m.impl("layer_norm_cf_bwd", &fusednorm::cpu::variants::layer_norm_cf_bwd);
+  m.impl("ada_norm_fwd", &fusednorm::cpu::variants::ada_norm_fwd);
+  m.impl("ada_norm_bwd", &fusednorm::cpu::variants::ada_norm_bwd);
 }

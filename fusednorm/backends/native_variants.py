@@ -3,8 +3,7 @@
 ``fusednorm.backends.native`` re-exports this module's functions and adds ``NATIVE_VARIANT_OPS`` to the ops it
 supports. Each function has the signature documented in ``reference_variants.py`` and calls the
 ``torch.ops.fusednorm_C`` op of the same name (registered when the extension ``fusednorm._C`` is loaded, which
-``native.py`` does before importing this module). The only fused variant with no native kernel yet is adaptive
-LayerNorm (it runs on Triton or the reference backend).
+``native.py`` does before importing this module). Every fused variant has a native CPU kernel.
 
 Dropout: the C++ kernels take the keep threshold and scale computed here by the same helpers the other backends
 use, so the mask hash is identical everywhere.
@@ -29,6 +28,8 @@ NATIVE_VARIANT_OPS = frozenset(
         "plane_affine",
         "plane_bwd_reduce",
         "plane_bwd_dx",
+        "ada_norm_fwd",
+        "ada_norm_bwd",
     }
 )
 
@@ -132,6 +133,36 @@ def plane_bwd_dx(dy: Tensor, x: Tensor, center: Tensor, k: Tensor, p: Tensor, q:
     return _ops.plane_bwd_dx(dy, x, center, k, p, q)
 
 
+def ada_norm_fwd(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """See ``reference_variants.ada_norm_fwd``: y (B, L, D), mean (B, L) or (0,), rstd (B, L)."""
+    y, mean, rstd = _ops.ada_norm_fwd(x, scale, shift, weight, bias, float(eps), bool(is_rms))
+    return y, mean, rstd
+
+
+def ada_norm_bwd(
+    dy: Tensor,
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    is_rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """See ``reference_variants.ada_norm_bwd``: dx, dscale, dshift, dweight, dbias (None when absent)."""
+    dx, dscale, dshift, dw, db = _ops.ada_norm_bwd(dy, x, scale, shift, weight, bias, mean, rstd, bool(is_rms))
+    return dx, dscale, dshift, (dw if weight is not None else None), (db if bias is not None else None)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -198,6 +229,23 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusednorm_C::plane_bwd_dx")
     def _(dy, x, center, k, p, q):
         return x.new_empty(x.shape)
+
+    if not hasattr(_ops, "ada_norm_fwd"):
+        return
+
+    @torch.library.register_fake("fusednorm_C::ada_norm_fwd")
+    def _(x, scale, shift, weight, bias, eps, is_rms):
+        b, l, _ = x.shape
+        acc = _acc(x.dtype)
+        return (x.new_empty(x.shape), x.new_empty((0,) if is_rms else (b, l), dtype=acc),
+                x.new_empty((b, l), dtype=acc))
+
+    @torch.library.register_fake("fusednorm_C::ada_norm_bwd")
+    def _(dy, x, scale, shift, weight, bias, mean, rstd, is_rms):
+        d = x.shape[2]
+        dw = x.new_empty((d,), dtype=weight.dtype) if weight is not None else x.new_empty((0,))
+        db = x.new_empty((d,), dtype=bias.dtype) if bias is not None else x.new_empty((0,))
+        return x.new_empty(x.shape), scale.new_empty(scale.shape), shift.new_empty(shift.shape), dw, db
 
 
 _register_fakes()
