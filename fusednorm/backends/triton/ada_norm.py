@@ -139,9 +139,17 @@ def ada_norm_bwd_kernel(
         tl.store(DB_partial + part, db_acc, mask=col_mask)
 
 
+# The backward reduces dscale/dshift/dW/dB over the rows of a tile (axis 0): tiles of many short rows make that
+# cross-warp reduction spill (ptxas, sm_80), so backward tiles hold at most this many rows.
+BWD_MAX_ROWS = 16
+
+
 def _config(n: int, dtype: torch.dtype, backward: bool = False) -> dict[str, int | bool]:
     cfg = dict(row_norm_config(n, dtype, backward=backward))
     cfg.pop("SINGLE_TILE")
+    if backward and cfg["ROWS_PER_PROGRAM"] > BWD_MAX_ROWS:
+        cfg["ROWS_PER_PROGRAM"] = BWD_MAX_ROWS
+        cfg["num_warps"] = min(16, max(1, cfg["BLOCK_N"] * BWD_MAX_ROWS // 256))
     return cfg
 
 
