@@ -116,20 +116,23 @@ import sys
 
 text = open(sys.argv[1]).read()
 arch = None
-usage = {}  # kernel -> arch -> (reg, stack, local, shared)
+current = None
+usage = {}  # kernel -> arch -> {REG, STACK, SHARED, LOCAL} (a kernel instantiated in several .cu files keeps the max)
 for line in text.splitlines():
     m = re.search(r"arch = (sm_\d+)", line)
     if m:
-        arch = m.group(1)
+        arch, current = m.group(1), None
         continue
     m = re.match(r"\s*Function (\S+):", line)
     if m and arch:
-        fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line))
-        usage.setdefault(m.group(1), {})[arch] = fields
+        current = m.group(1)
+        usage.setdefault(current, {}).setdefault(arch, {})
         continue
-    if usage and arch and re.match(r"\s*REG:", line):
-        last = list(usage)[-1]
-        usage[last][arch] = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line))
+    if current and arch and re.match(r"\s*REG:", line):
+        fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+        old = usage[current][arch]
+        usage[current][arch] = {k: max(v, old.get(k, 0)) for k, v in fields.items()}
+        current = None
 if not usage:
     print(text[:3000])
     sys.exit("no CUDA kernels found in the .so")
@@ -140,7 +143,7 @@ try:
 except OSError:
     pass
 required = ("sm_80", "sm_90")
-missing = [(k, a) for k in usage for a in required if a not in usage[k]]
+missing = [(k, a) for k in usage for a in required if not usage[k].get(a)]
 expected = ("ln_fwd_kernel", "ln_bwd_kernel", "column_sum_kernel", "segment_reduce_kernel",
             "segment_finalize_kernel", "nc_elementwise_kernel")
 absent = [e for e in expected if not any(e in k for k in usage)]
@@ -153,9 +156,9 @@ for k in sorted(usage, key=lambda k: names.get(k, k)):
         short = short if len(short) <= 98 else short[:95] + "..."
         print(f"{short:<100} {a:<6} {f.get('REG', '?'):>4} {f.get('STACK', '?'):>6} {f.get('LOCAL', '?'):>6} "
               f"{f.get('SHARED', '?'):>7}")
-        spills += int(f.get("LOCAL", 0)) > 0
+        spills += int(f.get("LOCAL", 0)) > 0 or int(f.get("STACK", 0)) > 0
 print(f"{len(usage)} kernels; archs per kernel: {sorted({a for k in usage for a in usage[k]})}; "
-      f"kernels with local memory (spills): {spills}")
+      f"kernel/arch pairs with stack or local memory (spills): {spills}")
 if missing:
     sys.exit("kernels without code for a required arch: " + ", ".join(f"{names.get(k, k)} ({a})" for k, a in missing))
 if absent:

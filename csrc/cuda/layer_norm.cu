@@ -137,6 +137,11 @@ const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
 
+template <typename A>
+A* mutable_ptr_or_null(at::Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(const at::Tensor& x,
@@ -208,11 +213,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
       if (vec > 1) {
         ln_bwd_kernel<scalar_t, A, 16 / sizeof(scalar_t)><<<static_cast<unsigned>(P), kThreads, 0, stream>>>(
             dyp, dy.stride(0), xp, x.stride(0), ptr_or_null<A>(w), meanp, rs.data_ptr<A>(), dxp,
-            ptr_or_null<A>(pdw), ptr_or_null<A>(pdb), M, N, is_rms);
+            mutable_ptr_or_null<A>(pdw), mutable_ptr_or_null<A>(pdb), M, N, is_rms);
       } else {
         ln_bwd_kernel<scalar_t, A, 1><<<static_cast<unsigned>(P), kThreads, 0, stream>>>(
             dyp, dy.stride(0), xp, x.stride(0), ptr_or_null<A>(w), meanp, rs.data_ptr<A>(), dxp,
-            ptr_or_null<A>(pdw), ptr_or_null<A>(pdb), M, N, is_rms);
+            mutable_ptr_or_null<A>(pdw), mutable_ptr_or_null<A>(pdb), M, N, is_rms);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
