@@ -58,7 +58,7 @@ def _native_extension():
     debug = _flag("FUSEDNORM_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -g0: Python's default flags add -g, which doubles compile time and .so size for no use here.
-    cxx = [*opt, "-fvisibility=hidden"] + ([] if debug else ["-g0"])
+    cxx = [*opt, "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"] + ([] if debug else ["-g0"])
     macros: list[tuple[str, str | None]] = []
 
     is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
