@@ -107,10 +107,17 @@ def plane_bwd_dx_kernel(DY, X, Center, Kc, Pc, Qc, DX, stride_dy_row, stride_x_r
         tl.store(DX + rows64[:, None] * P + c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
+# Tiles of many tiny planes (P <= 8) spill their per-plane vectors (ptxas, sm_80): at most this many planes.
+MAX_ROWS = 128
+
+
 def plane_config(p: int, dtype: torch.dtype) -> dict[str, int]:
     """BLOCK_N, ROWS_PER_PROGRAM and num_warps for planes of p elements: planes up to 4096 in one chunk."""
     cfg = row_norm_config(min(p, CHUNK), dtype)
-    return {"BLOCK_N": cfg["BLOCK_N"], "ROWS_PER_PROGRAM": cfg["ROWS_PER_PROGRAM"], "num_warps": cfg["num_warps"]}
+    rows, warps = cfg["ROWS_PER_PROGRAM"], cfg["num_warps"]
+    if rows > MAX_ROWS:
+        rows, warps = MAX_ROWS, max(1, cfg["BLOCK_N"] * MAX_ROWS // 256)
+    return {"BLOCK_N": cfg["BLOCK_N"], "ROWS_PER_PROGRAM": rows, "num_warps": warps}
 
 
 def _acc(x: Tensor) -> torch.dtype:
