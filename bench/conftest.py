@@ -66,6 +66,8 @@ def run_benchmark(benchmark, bench_cfg):
         with provider.context():
             fns = itertools.cycle([mode_fn(case, calls[provider.name], t) for t in input_sets(case, bench_cfg)])
             if bench_cfg.device.type == "cuda":
+                # pytest-benchmark times on the host clock, so each call waits for the GPU (launch and sync
+                # overhead included; the CLI's CUDA-event timings are the precise ones)
                 import torch
 
                 def step():
