@@ -405,7 +405,7 @@ def _million_row(backend, rms, rows):
 _HUGE_OFFSET_SCRIPT = textwrap.dedent('''
     import json, sys, torch, torch.nn.functional as TF
     import fusednorm, fusednorm.functional as F
-    backend, names = sys.argv[1], sys.argv[2].split(",")
+    plan = json.loads(sys.argv[1])          # {backend: [op names]}
     STRIDE = (1 << 31) // 3 + 17          # row/batch stride: the 4th row starts past 2^31 elements
     def view(rows, tail):                  # (rows, *tail) view, rows STRIDE apart, over a sparse storage
         inner = 1
@@ -417,59 +417,69 @@ _HUGE_OFFSET_SCRIPT = textwrap.dedent('''
         v.copy_(torch.randn(rows, *tail))
         return v
     res = {}
-    for name in names:
-        try:
-            if name in ("layer_norm", "rms_norm", "add_layer_norm"):
-                x = view(5, (33,)).requires_grad_(False)
-                xl = x.detach().requires_grad_()
-                w = torch.randn(33)
-                with fusednorm.use_backend(backend):
-                    if name == "layer_norm": y = F.layer_norm(xl, (33,), w)
-                    elif name == "rms_norm": y = F.rms_norm(xl, (33,), w)
-                    else: y = F.add_layer_norm(xl, x.detach().clone(), w, None)
-                dy = torch.randn(5, 33).half()
-                y.backward(dy)
-                xd = x.double() * (2 if name == "add_layer_norm" else 1)
-                xr = xd.clone().requires_grad_()
-                ref = TF.rms_norm(xr, (33,), w.double(), torch.finfo(torch.float16).eps) if name == "rms_norm" \\
-                    else TF.layer_norm(xr, (33,), w.double())
-                ref.backward(dy.double())
-                err = max(float((y.double() - ref).abs().max()), float((xl.grad.double() - xr.grad).abs().max()
-                          * (0 if name == "add_layer_norm" else 1)))
-            else:
-                x = view(4, (6, 3, 5))
-                xl = x.detach().requires_grad_()
-                with fusednorm.use_backend(backend):
-                    if name == "group_norm": y = F.group_norm(xl, 3)
-                    elif name == "batch_norm": y = F.batch_norm(xl, None, None, training=True)
-                    elif name == "layer_norm_2d": y = F.layer_norm_2d(xl)
-                    elif name == "instance_norm": y = F.instance_norm(xl)
-                dy = torch.randn_like(y)
-                y.backward(dy)
-                xr = x.double().requires_grad_()
-                ref = {"group_norm": lambda t: TF.group_norm(t, 3), "instance_norm": TF.instance_norm,
-                       "batch_norm": lambda t: TF.batch_norm(t, None, None, training=True),
-                       "layer_norm_2d": lambda t: TF.layer_norm(t.movedim(1, -1), (6,), eps=1e-6).movedim(-1, 1)
-                       }[name](xr)
-                ref.backward(dy.double())
-                err = max(float((y.double() - ref).abs().max()), float((xl.grad.double() - xr.grad).abs().max()))
-            res[name] = {"ok": True, "err": err}
-        except Exception as exc:  # a clear error is acceptable, a wrong answer or a crash is not
-            res[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    for backend, names in plan.items():
+      res[backend] = {}
+      for name in names:
+          try:
+              if name in ("layer_norm", "rms_norm", "add_layer_norm"):
+                  x = view(5, (33,)).requires_grad_(False)
+                  xl = x.detach().requires_grad_()
+                  w = torch.randn(33)
+                  with fusednorm.use_backend(backend):
+                      if name == "layer_norm": y = F.layer_norm(xl, (33,), w)
+                      elif name == "rms_norm": y = F.rms_norm(xl, (33,), w)
+                      else: y = F.add_layer_norm(xl, x.detach().clone(), w, None)
+                  dy = torch.randn(5, 33).half()
+                  y.backward(dy)
+                  xd = x.double() * (2 if name == "add_layer_norm" else 1)
+                  xr = xd.clone().requires_grad_()
+                  ref = TF.rms_norm(xr, (33,), w.double(), torch.finfo(torch.float16).eps) if name == "rms_norm" \\
+                      else TF.layer_norm(xr, (33,), w.double())
+                  ref.backward(dy.double())
+                  # s = x + residual, so dL/dx = dL/ds = the reference's gradient w.r.t. its input 2x
+                  err = max(float((y.double() - ref).abs().max()), float((xl.grad.double() - xr.grad).abs().max()))
+              else:
+                  x = view(4, (6, 3, 5))
+                  xl = x.detach().requires_grad_()
+                  with fusednorm.use_backend(backend):
+                      if name == "group_norm": y = F.group_norm(xl, 3)
+                      elif name == "batch_norm": y = F.batch_norm(xl, None, None, training=True)
+                      elif name == "layer_norm_2d": y = F.layer_norm_2d(xl)
+                      elif name == "instance_norm": y = F.instance_norm(xl)
+                  dy = torch.randn_like(y)
+                  y.backward(dy)
+                  xr = x.double().requires_grad_()
+                  ref = {"group_norm": lambda t: TF.group_norm(t, 3), "instance_norm": TF.instance_norm,
+                         "batch_norm": lambda t: TF.batch_norm(t, None, None, training=True),
+                         "layer_norm_2d": lambda t: TF.layer_norm(t.movedim(1, -1), (6,), eps=1e-6).movedim(-1, 1)
+                         }[name](xr)
+                  ref.backward(dy.double())
+                  err = max(float((y.double() - ref).abs().max()), float((xl.grad.double() - xr.grad).abs().max()))
+              res[backend][name] = {"ok": True, "err": err}
+          except Exception as exc:  # a clear error is acceptable, a wrong answer or a crash is not
+              res[backend][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(res))
 ''')
 
 HUGE_OPS = ["layer_norm", "rms_norm", "add_layer_norm", "group_norm", "instance_norm", "batch_norm", "layer_norm_2d"]
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_offsets_past_2_31_elements(backend):
-    names = [n for n in HUGE_OPS if backend in backends_for(n)]
+@pytest.fixture(scope="module")
+def huge_offset_results():
+    """Run every op on every backend once in one child process (one torch import): {backend: {op: result}}."""
+    plan = {b: [n for n in HUGE_OPS if b in backends_for(n)] for b in cpu_backends()}
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", _HUGE_OFFSET_SCRIPT, backend, ",".join(names)], env=env,
+    proc = subprocess.run([sys.executable, "-c", _HUGE_OFFSET_SCRIPT, json.dumps(plan)], env=env,
                           capture_output=True, text=True, timeout=300)
+    return plan, proc
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_offsets_past_2_31_elements(backend, huge_offset_results):
+    plan, proc = huge_offset_results
     assert proc.returncode == 0, f"child crashed (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = json.loads(proc.stdout.strip().splitlines()[-1])[backend]
+    names = plan[backend]
     for name in names:
         r = results[name]
         if not r["ok"]:
@@ -497,13 +507,13 @@ _TTIR_SCRIPT = textwrap.dedent('''
             seen.add(kname)
             src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
             k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-            out[f"{family}:{kname}"] = {"ttir": k.asm["ttir"], "ptx": k.asm["ptx"],
-                                        "int_args": [a for a, t in sig.items() if t in ("i32", "i64")]}
+            strides = [a for a, t in sig.items() if t == "i32" and a.startswith("stride")]
+            out[f"{family}:{kname}"] = {"ttir": k.asm["ttir"], "ptx": k.asm["ptx"], "i32_strides": strides}
     print(json.dumps(out))
 ''')
 
 
-def _i32_stride_products(ttir: str) -> list[str]:
+def _i32_stride_products(ttir: str) -> tuple[list[str], int]:
     """TTIR ``arith.muli`` lines that multiply by a stride argument in 32-bit.
 
     A row/batch offset is index * stride; computed in i32 it wraps past 2^31 elements. Stride arguments declared
@@ -513,6 +523,7 @@ def _i32_stride_products(ttir: str) -> list[str]:
     lines = ttir.splitlines()
     header = next(line for line in lines if "tt.func" in line)
     tainted = {f"%{name}" for name in re.findall(r"%(stride\w*): i32", header)}
+    n_args = len(tainted)
     bad = []
     for line in lines:
         m = re.match(r"\s*(%[\w.#]+) = (\S+) (.*)", line)
@@ -524,7 +535,19 @@ def _i32_stride_products(ttir: str) -> list[str]:
             tainted.add(res)  # same 32-bit value, reshaped
         elif op == "arith.muli" and operands & tainted and not re.search(r"i64>?\s*(loc|$)", rest):
             bad.append(line.strip())
-    return bad
+    return bad, n_args
+
+
+def test_stride_product_checker_is_not_vacuous():
+    """The TTIR checker flags an i32 row * stride product (through a splat) and passes the sign-extended one."""
+    header = "  tt.func public @k(%X: !tt.ptr<f32> loc(\"X\"(#loc)), %stride_x_row: i32 loc(\"s\"(#loc))) {"
+    bad_ir = "\n".join([header, "    %r = tt.get_program_id x : i32 loc(#l)",
+                        "    %s = tt.splat %stride_x_row : i32 -> tensor<4xi32> loc(#l)",
+                        "    %o = arith.muli %rows, %s : tensor<4xi32> loc(#l)"])
+    good_ir = "\n".join([header, "    %e = arith.extsi %stride_x_row : i32 to i64 loc(#l)",
+                         "    %o = arith.muli %rows64, %e : tensor<4xi64> loc(#l)"])
+    assert _i32_stride_products(bad_ir) == (["%o = arith.muli %rows, %s : tensor<4xi32> loc(#l)"], 1)
+    assert _i32_stride_products(good_ir) == ([], 1)
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="Triton not available here")
@@ -540,7 +563,8 @@ def test_triton_kernels_use_64bit_offsets_in_generated_code():
         assert "arith.extsi" in k["ttir"] and re.search(r"arith\.muli .*i64", k["ttir"]), \
             f"{kname}: no 64-bit index arithmetic in the TTIR"
         assert re.search(r"mul\.wide\.s32|mul\.lo\.s64|mad\.wide\.s32", k["ptx"]), f"{kname}: no 64-bit multiply in PTX"
-        bad = _i32_stride_products(k["ttir"])
+        bad, n_args = _i32_stride_products(k["ttir"])
+        assert n_args == len(k["i32_strides"]), f"{kname}: TTIR header parse found {n_args} i32 stride args"
         if bad:
             problems[kname] = bad[:3]
     assert not problems, "i32 products with stride/size arguments (overflow past 2^31 elements):\n" + \
