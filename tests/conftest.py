@@ -2,19 +2,29 @@
 
 TRITON_INTERPRET must be set before fusednorm's Triton kernels are imported (``triton.jit`` reads it when a kernel
 is defined), hence at the very top of conftest. ``--slow`` also runs the tests marked ``slow``.
+
+On a GPU machine, ``FUSEDNORM_TEST_DEVICE=cuda`` makes CUDA the default device for tensors the tests create
+(``torch.set_default_device``) and runs Triton compiled instead of interpreted (bench/run_gpu.sh sets it).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+TEST_DEVICE = os.environ.get("FUSEDNORM_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fusednorm  # noqa: E402
+
+if TEST_DEVICE != "cpu":
+    torch.set_default_device(TEST_DEVICE)
 
 
 def pytest_addoption(parser):
@@ -31,9 +41,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def cpu_backends() -> list[str]:
-    """Backends that can run CPU tensors in this test session (triton via the interpreter)."""
+    """Backends that can run the test device's tensors in this session (on CPU: triton via its interpreter)."""
     info = fusednorm.available_backends()
-    return [name for name in ("triton", "native", "reference") if info[name].available]
+    names = [name for name in ("triton", "native", "reference") if info[name].available]
+    if TEST_DEVICE != "cpu" and "native" in names and "CUDA" not in info["native"].detail:
+        names.remove("native")
+    return names
 
 
 @pytest.fixture(autouse=True)
