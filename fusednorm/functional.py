@@ -264,10 +264,14 @@ def instance_norm(
         shift = -running_mean.detach().to(acc) * scale
         if bias is not None:
             shift = shift + bias.to(acc)
-        out = input.to(acc) * scale.reshape(bshape) + shift.reshape(bshape)
+        # input * scale promotes inside the kernel, so autograd saves the input itself (no fp32 copy of it).
+        out = input * scale.reshape(bshape) + shift.reshape(bshape)
         return out.to(input.dtype)
     with_var = running_mean is not None
-    y, mean, var = group_norm_nd(input, c, weight, bias, eps, "none", with_var=with_var)
+    if eps == 0:
+        y, mean, var = _instance_norm_eps0(input, weight, bias)
+    else:
+        y, mean, var = group_norm_nd(input, c, weight, bias, eps, "none", with_var=with_var)
     if with_var:
         m = spatial_numel(input)
         with torch.no_grad():
@@ -275,6 +279,27 @@ def instance_norm(
             unbiased = var * (m / (m - 1))
             running_var.mul_(1.0 - momentum).add_(unbiased.mean(dim=0).to(running_var.dtype), alpha=momentum)
     return y
+
+
+def _instance_norm_eps0(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """instance_norm with eps == 0, where torch (its batch-norm kernel) uses invstd = 0 for a constant plane, so
+    the output there is the bias, not 0/0. A plain-torch composite in the acc dtype: eps == 0 is a corner case.
+    Returns (y, mean, biased var), mean and var (N, C) in the acc dtype."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dims = tuple(range(2, input.dim()))
+    xf = input.to(acc)
+    var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
+    zero = var == 0
+    # where() twice: rsqrt's backward at var == 0 would otherwise turn the masked zero gradient into NaN
+    invstd = torch.where(zero, torch.zeros_like(var), torch.rsqrt(torch.where(zero, torch.ones_like(var), var)))
+    y = (xf - mean) * invstd
+    bshape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(acc).reshape(bshape)
+    if bias is not None:
+        y = y + bias.to(acc).reshape(bshape)
+    n, c = input.shape[0], input.shape[1]
+    return y.to(input.dtype), mean.detach().reshape(n, c), var.detach().reshape(n, c)
 
 
 # ==== BatchNorm / SyncBatchNorm (issue 4) ================================================================

@@ -350,6 +350,29 @@ def test_instance_norm_running_var_when_var_much_smaller_than_eps(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_instance_norm_eps_zero_constant_plane_like_torch(backend):
+    # torch uses invstd = 0 when var == 0 and eps == 0: a constant plane gives the bias, with finite gradients
+    x = torch.randn(2, 3, 4, 5)
+    x[1, 2] = 3.0
+    w, b = torch.randn(3), torch.randn(3)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    t_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    rm, rv = torch.zeros(3), torch.ones(3)
+    trm, trv = rm.clone(), rv.clone()
+    with fusednorm.use_backend(backend):
+        out = F.instance_norm(leaves[0], rm, rv, leaves[1], leaves[2], eps=0.0)
+    ref = TF.instance_norm(t_leaves[0], trm, trv, t_leaves[1], t_leaves[2], eps=0.0)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    ref.backward(dy)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for got, exp in zip(leaves, t_leaves, strict=True):
+        torch.testing.assert_close(got.grad, exp.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rm, trm)
+    torch.testing.assert_close(rv, trv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_instance_norm_functional_without_running_stats(backend, poison_empty):
     x = torch.randn(2, 5, 7, requires_grad=True)
     w, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
