@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fusednorm.functional import check_batch_norm_args
-from fusednorm.ops import acc_dtype
+from fusednorm.ops import BackendPinnedFunction, acc_dtype
 from fusednorm.ops.batch_norm import update_running_stats
 
 
@@ -46,7 +46,7 @@ def merge_stats(stats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return total, mean, m2
 
 
-class SyncBatchNormFunction(torch.autograd.Function):
+class SyncBatchNormFunction(BackendPinnedFunction):
     """Training-mode BatchNorm over all ranks of ``group``; saves x, weight, global mean/rstd and count."""
 
     @staticmethod

@@ -114,3 +114,32 @@ def test_broken_native_extension_falls_back_and_says_why(monkeypatch):
     with fusednorm.use_backend("native"):
         with pytest.raises(fusednorm.BackendUnavailableError, match="undefined symbol"):
             F.layer_norm(torch.randn(3, 4), (4,))
+
+
+def test_backward_runs_on_the_forward_backend_from_another_thread():
+    # autograd runs CUDA backward on its own device threads, where a use_backend scope is invisible; the backend
+    # used in forward is recorded and re-entered in backward. Simulate the foreign thread with a plain thread.
+    import threading
+
+    from fusednorm.backends import reference
+
+    calls = []
+    real_bwd = reference.layer_norm_bwd
+
+    def spy(*args):
+        calls.append(threading.current_thread().name)
+        return real_bwd(*args)
+
+    fusednorm.set_backend("triton")  # what a thread that does not see the scope would pick
+    x = torch.randn(3, 8, requires_grad=True)
+    with fusednorm.use_backend("reference"):
+        y = F.layer_norm(x, (8,))
+    reference.layer_norm_bwd = spy
+    try:
+        worker = threading.Thread(target=lambda: y.sum().backward(), name="autograd-like")
+        worker.start()
+        worker.join()
+    finally:
+        reference.layer_norm_bwd = real_bwd
+    assert calls == ["autograd-like"], "backward did not run on the backend its forward used"
+    assert x.grad is not None

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import acc_dtype
+from fusednorm.ops import BackendPinnedFunction, acc_dtype
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -146,7 +146,7 @@ def _channel_vector(t: Tensor | None, c: int) -> Tensor | None:
     return None if t is None else t.reshape(c)
 
 
-class BatchNormFunction(torch.autograd.Function):
+class BatchNormFunction(BackendPinnedFunction):
     """Local BatchNorm; saves x, weight, mean and rstd (acc dtype), never the output."""
 
     @staticmethod

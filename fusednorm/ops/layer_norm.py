@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
 
 
 @torch.library.custom_op("fusednorm::layer_norm_fwd", mutates_args=())
@@ -63,7 +63,7 @@ def _(dy, x, weight, bias, mean, rstd, is_rms):
     return x.new_empty(x.shape), dw, db
 
 
-class LayerNormFunction(torch.autograd.Function):
+class LayerNormFunction(BackendPinnedFunction):
     """Autograd for LayerNorm/RMSNorm over rows; saves x, mean and rstd (fp32), never the output."""
 
     @staticmethod
