@@ -314,6 +314,28 @@ def test_weight_norm_of_empty_weight(backend):
     assert v.grad.shape == (0, 16) and g.grad.shape == (0, 1)
 
 
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.xfail(
+    strict=True, reason="BUG: ops/layer_norm.py as_rows checks stride(-1) == 1 before view(m, n); with a trailing "
+    "size-1 dim (normalized_shape (3, 1)) of a sliced view the rows come out with stride 6: native raises 'last "
+    "dim must be contiguous', triton silently reads the wrong elements")] if b != "reference" else [])
+    for b in backends_for("layer_norm")])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_trailing_unit_dim_of_a_sliced_view(backend, rms):
+    """Found by the fuzzer: x = big[:, 2:3] (shape (3, 1), strides (6, 1)) normalized over (3, 1)."""
+    big = torch.randn(3, 6, dtype=torch.float64)
+    x = big.float()[:, 2:3]
+    xl = x.detach().requires_grad_()
+    dy = torch.randn(3, 1)
+    with fusednorm.use_backend(backend):
+        y = F.rms_norm(xl, (3, 1)) if rms else F.layer_norm(xl, (3, 1))
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_()
+    ref = TF.rms_norm(xr, (3, 1), eps=torch.finfo(torch.float32).eps) if rms else TF.layer_norm(xr, (3, 1))
+    ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xl.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", backends_for("layer_norm"))
 def test_empty_normalized_shape_and_zero_width_rows(backend):
     x = torch.randn(3, 0, requires_grad=True)

@@ -175,9 +175,17 @@ def _grads(outs, leaves, dys) -> list:
     return [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
 
 
+# float64 inputs: the oracle *is* torch in float64 (torch's own error is 0 by construction and no wider float exists
+# on the CPU), so 2x torch + one-ulp atol would demand bit-equality with torch's formula. Gradients of a norm
+# amplify rounding by its conditioning (rstd, N), so fp64 results get a relative bound of 1e-9: ~1e7 ulps, far
+# below the ~1e-7 an fp32-precision slip in an fp64 path would show.
+FP64_ATOL = 1e-9
+
+
 def run_case(case: Case, backend: str, gen_seed: int) -> None:
     """Check ``case`` on ``backend`` against float64 and torch-in-dtype, forward, backward and buffers."""
     x_dtype = case.leaves[0].dtype
+    fp64_atol = FP64_ATOL if x_dtype == torch.float64 else None
     grad_of = [i not in case.no_grad for i in range(len(case.leaves))]
 
     # float64 oracle; where torch rejects the input, fusednorm must reject it too
@@ -185,7 +193,15 @@ def run_case(case: Case, backend: str, gen_seed: int) -> None:
     b64 = [b.detach().double().clone() if b is not None else None for b in case.buffers]
     try:
         ref = _as_tuple(case.reference(*l64, *b64))
-    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+    except IndexError:
+        # torch's instance_norm indexes into an empty batch (an internal error, not a validation): fusednorm may
+        # return the empty result instead (tests/test_edge_cases.py checks its gradients)
+        lf = [_clone_leaf(t, None, g) for t, g in zip(case.leaves, grad_of, strict=True)]
+        with fusednorm.use_backend(backend):
+            out = _as_tuple(case.fused(*lf, *[b.clone() if b is not None else None for b in case.buffers]))
+        assert case.leaves[0].numel() == 0 and out[0].shape == case.leaves[0].shape
+        return
+    except (RuntimeError, ValueError, TypeError) as exc:
         lf = [_clone_leaf(t, None, g) for t, g in zip(case.leaves, grad_of, strict=True)]
         with pytest.raises(type(exc)), fusednorm.use_backend(backend):
             case.fused(*lf, *[b.clone() if b is not None else None for b in case.buffers])
@@ -223,8 +239,8 @@ def run_case(case: Case, backend: str, gen_seed: int) -> None:
         if t is not None and t.dtype != o.dtype:
             t = t.to(o.dtype)
         assert o.dtype == (t.dtype if t is not None else o.dtype)
-        assert_close(o, r, t, f"out{i}")
-    if case.fmt is not None:
+        assert_close(o, r, t, f"out{i}", atol=fp64_atol)
+    if case.fmt is not None and out[0].numel() > 0:  # an empty tensor has no meaningful memory format
         assert out[0].is_contiguous(memory_format=case.fmt), f"output lost memory format {case.fmt}"
 
     x_numel = case.leaves[0].numel()
@@ -235,19 +251,23 @@ def run_case(case: Case, backend: str, gen_seed: int) -> None:
         assert g is not None and r is not None, f"d{name}: missing gradient"
         assert g.shape == leaf.shape and g.dtype == leaf.dtype, f"d{name}: {g.shape}/{g.dtype}"
         t = tgrads[i] if tgrads is not None else None
+        if x_numel == 0:
+            # empty input: parameter gradients are zero (torch's group_norm gives NaN from its 0/0 statistics)
+            assert torch.equal(g, torch.zeros_like(g)), f"d{name} of an empty input is not zero"
+            continue
         if i in case.mixed:
             # fp32 parameter gradients next to low-precision inputs: torch's (in the input dtype) is no
             # yardstick; bound ours by fp32 accumulation over the terms reduced into each element.
             count = max(1, x_numel // max(1, leaf.numel()))
             assert_close(g, r, None, f"d{name}", atol=ATOL[torch.float32] * count)
         else:
-            assert_close(g, r, t.to(g.dtype) if t is not None else None, f"d{name}")
+            assert_close(g, r, t.to(g.dtype) if t is not None else None, f"d{name}", atol=fp64_atol)
 
     for i, (b, r) in enumerate(zip(bf, b64, strict=True)):
         if b is None:
             continue
         t = bt[i].to(b.dtype) if bt is not None and bt[i] is not None else None
-        assert_close(b, r, t, f"buffer{i}")
+        assert_close(b, r, t, f"buffer{i}", atol=FP64_ATOL if b.dtype == torch.float64 else None)
 
 
 # ==== op specs ===========================================================================================
@@ -377,10 +397,15 @@ def spec_add_norm(data, budget, rms: bool) -> Case:
     fp32_res = low and data.draw(st.booleans(), label="residual_in_fp32")
     mixed = frozenset({2, 3}) if p_dtype != x_dtype else frozenset()
 
+    s_dtype = torch.float32 if fp32_res else (r_dtype if r is not None else x_dtype)
+
     def ref(x, r, w, b):
         s = x + r if r is not None else x
         if fp32_res and s.dtype != torch.float64:
             s = s.float()
+        if s.dtype == torch.float64 and s_dtype != torch.float64:
+            # documented semantics: s is rounded to its dtype and normalized as rounded (what backward sees)
+            s = s.to(s_dtype).double()
         ws = w.to(s.dtype) if w is not None else None
         if rms:
             y = TF.rms_norm(s, (n,), ws, eps)
