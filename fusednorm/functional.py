@@ -197,6 +197,7 @@ def group_norm(
     """
     _check_group_norm(input, num_groups, weight, bias)
     act = _activation_name(activation)
+    input, weight, bias = autocast_to_fp32(input, weight, bias)
     y, _, _ = group_norm_nd(input, num_groups, weight, bias, eps, act)
     return y
 

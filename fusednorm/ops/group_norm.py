@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
 
 ACTIVATIONS = ("none", "silu")
 
@@ -117,7 +117,7 @@ def _(dy, x, weight, bias, mean, rstd, num_groups, activation):
     return _empty_out(x), dw, db
 
 
-class GroupNormFunction(torch.autograd.Function):
+class GroupNormFunction(BackendPinnedFunction):
     """Autograd for GroupNorm (+ optional SiLU); saves x, mean and rstd, never the output.
 
     Returns (y, mean, var): mean and var (N, G) are non-differentiable and only computed when ``with_var``
