@@ -100,25 +100,29 @@ inline A vsum_sqdev(const A* p, int64_t n, A c) {
   return s;
 }
 
+// sum(p - k)
 template <typename A>
-inline A vsum(const A* p, int64_t n) {
+inline A vsum_shifted(const A* p, int64_t n, A k) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
+  const V vk(k);
   V acc(A(0));
   int64_t i = 0;
-  for (; i + W <= n; i += W) acc += V::loadu(p + i);
+  for (; i + W <= n; i += W) acc += V::loadu(p + i) - vk;
   A s = horizontal_sum(acc);
-  for (; i < n; ++i) s += p[i];
+  for (; i < n; ++i) s += p[i] - k;
   return s;
 }
 
-// Exact two-step statistics per L1 chunk, chunks merged with Chan's formula (never E[x^2] - E[x]^2).
+// Exact two-step statistics per L1 chunk, chunks merged with Chan's formula (never E[x^2] - E[x]^2). Chunk
+// means are taken relative to p[0], so a constant row has mean == p[0] exactly (not p[0] +- 1 ulp).
 template <typename A>
 inline Welford<A, int64_t> stats_acc(const A* p, int64_t n) {
   Welford<A, int64_t> s = welford_empty<A, int64_t>();
+  const A k = n > 0 ? p[0] : A(0);
   for (int64_t off = 0; off < n; off += kChunk) {
     const int64_t len = std::min(kChunk, n - off);
-    const A mean = vsum(p + off, len) / A(len);
+    const A mean = k + vsum_shifted(p + off, len, k) / A(len);
     s = welford_merge(s, Welford<A, int64_t>{len, mean, vsum_sqdev(p + off, len, mean)});
   }
   return s;
@@ -685,12 +689,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_fwd(const at::Tenso
         const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix, np = std::min(kPix, P - p0);
         for (int64_t c = 0; c < C; ++c)
           for (int64_t j = 0; j < np; ++j) slab[c * kPix + j] = static_cast<A>(xp[n * sxn + c * sxc + (p0 + j) * sxp]);
-        A mu[kPix], rs[kPix];
-        for (int64_t j = 0; j < np; ++j) mu[j] = 0;
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t j = 0; j < np; ++j) mu[j] += slab[c * kPix + j];
+        A mu[kPix], rs[kPix], k[kPix];
+        // mean relative to channel 0: exact for a constant pixel (mean == x, not x +- 1 ulp)
         for (int64_t j = 0; j < np; ++j) {
-          mu[j] /= A(C);
+          k[j] = slab[j];
+          mu[j] = 0;
+        }
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t j = 0; j < np; ++j) mu[j] += slab[c * kPix + j] - k[j];
+        for (int64_t j = 0; j < np; ++j) {
+          mu[j] = k[j] + mu[j] / A(C);
           rs[j] = 0;
         }
         for (int64_t c = 0; c < C; ++c)

@@ -152,10 +152,13 @@ def layer_norm_cf_fwd(
     x.dtype, mean and rstd (N, P) acc dtype.
     """
     acc = _acc(x.dtype)
-    xf = x.to(acc)
-    mean = xf.mean(dim=1)
-    rstd = torch.rsqrt((xf - mean[:, None]).square().mean(dim=1) + eps)
-    y = (xf - mean[:, None]) * rstd[:, None]
+    # statistics of x - x[:, 0]: exact for a constant pixel (the mean is x itself, not x +- 1 ulp)
+    k = x[:, :1].to(acc)
+    d = x.to(acc) - k
+    mean_d = d.mean(dim=1)
+    rstd = torch.rsqrt((d - mean_d[:, None]).square().mean(dim=1) + eps)
+    mean = k[:, 0] + mean_d
+    y = (d - mean_d[:, None]) * rstd[:, None]
     if weight is not None:
         y = y * weight.to(acc)[None, :, None]
     if bias is not None:
@@ -208,9 +211,13 @@ def ada_norm_fwd(
         rstd = torch.rsqrt(xf.square().mean(dim=2) + eps)
         xhat = xf * rstd[..., None]
     else:
-        mean = xf.mean(dim=2)
-        rstd = torch.rsqrt((xf - mean[..., None]).square().mean(dim=2) + eps)
-        xhat = (xf - mean[..., None]) * rstd[..., None]
+        # statistics of x - x[..., 0]: exact for a constant row (the mean is x itself, not x +- 1 ulp)
+        k = xf[..., :1]
+        d = xf - k
+        mean_d = d.mean(dim=2)
+        rstd = torch.rsqrt((d - mean_d[..., None]).square().mean(dim=2) + eps)
+        mean = k[..., 0] + mean_d
+        xhat = (d - mean_d[..., None]) * rstd[..., None]
     n = xhat
     if weight is not None:
         n = n * weight.to(acc)

@@ -7,6 +7,8 @@ to the front first (a copy only when ``dim`` is not already the leading dim).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -62,11 +64,12 @@ def weight_norm_apply(v: Tensor, g: Tensor, dim: int) -> Tensor:
     g has ``torch.norm_except_dim(v, 2, dim)``'s shape (or any shape with as many elements).
     """
     if dim == -1 or v.dim() == 0:
-        w = WeightNormFunction.apply(v.contiguous().reshape(1, -1), g.reshape(1))
+        w = WeightNormFunction.apply(v.contiguous().reshape(1, v.numel()), g.reshape(1))
         return w.reshape(v.shape)
     dim = dim % v.dim()
     moved = v.movedim(dim, 0) if dim != 0 else v
     o = moved.shape[0]
-    w = WeightNormFunction.apply(moved.contiguous().reshape(o, -1), g.reshape(o))
+    # explicit K (not -1): an empty v (O = 0) has no inferable row length
+    w = WeightNormFunction.apply(moved.contiguous().reshape(o, math.prod(moved.shape[1:])), g.reshape(o))
     w = w.reshape(moved.shape)
     return w.movedim(0, dim) if dim != 0 else w

@@ -58,31 +58,38 @@ def layer_norm_cf_fwd_kernel(
     if SINGLE_TILE:
         mask = (cs[:, None] < C) & p_mask[None, :]
         x = tl.load(x_base + cs[:, None].to(tl.int64) * stride_xc, mask=mask, other=0.0).to(acc_ty)
-        mean, m2 = _col_stats(x, mask, C.to(acc_ty))
+        # statistics of x - x[channel 0]: exact for a constant pixel (mean == x, not x +- 1 ulp)
+        k = tl.sum(tl.where(cs[:, None] == 0, x, 0.0), axis=0)
+        d = x - k[None, :]
+        mean_d, m2 = _col_stats(d, mask, C.to(acc_ty))
+        mean = k + mean_d
         rstd = 1.0 / tl.sqrt(m2 / C + eps)
-        y = (x - mean[None, :]) * rstd[None, :]
+        y = (d - mean_d[None, :]) * rstd[None, :]
         if HAS_WEIGHT:
             y = y * tl.load(W + cs, mask=cs < C, other=0.0).to(acc_ty)[:, None]
         if HAS_BIAS:
             y = y + tl.load(B + cs, mask=cs < C, other=0.0).to(acc_ty)[:, None]
         tl.store(y_base + cs[:, None].to(tl.int64) * stride_yc, y.to(Y.dtype.element_ty), mask=mask)
     else:
+        # statistics of x - x[channel 0] (exact for a constant pixel), merged over chunks with Chan's formula
+        k = tl.load(X + n * stride_xn + p64 * stride_xp, mask=p_mask, other=0.0).to(acc_ty)
         count = tl.zeros([BLOCK_P], dtype=acc_ty)
-        mean = tl.zeros([BLOCK_P], dtype=acc_ty)
+        mean_d = tl.zeros([BLOCK_P], dtype=acc_ty)
         m2 = tl.zeros([BLOCK_P], dtype=acc_ty)
         for start in range(0, C, BLOCK_C):
             c = start + cs
             mask = (c[:, None] < C) & p_mask[None, :]
             x = tl.load(x_base + c[:, None].to(tl.int64) * stride_xc, mask=mask, other=0.0).to(acc_ty)
             chunk_count = tl.minimum(C - start, BLOCK_C).to(acc_ty)
-            chunk_mean, chunk_m2 = _col_stats(x, mask, chunk_count)
-            count, mean, m2 = welford_merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+            chunk_mean, chunk_m2 = _col_stats(x - k[None, :], mask, chunk_count)
+            count, mean_d, m2 = welford_merge(count, mean_d, m2, chunk_count, chunk_mean, chunk_m2)
+        mean = k + mean_d
         rstd = 1.0 / tl.sqrt(m2 / C + eps)
         for start in range(0, C, BLOCK_C):
             c = start + cs
             mask = (c[:, None] < C) & p_mask[None, :]
             x = tl.load(x_base + c[:, None].to(tl.int64) * stride_xc, mask=mask, other=0.0).to(acc_ty)
-            y = (x - mean[None, :]) * rstd[None, :]
+            y = (x - k[None, :] - mean_d[None, :]) * rstd[None, :]
             if HAS_WEIGHT:
                 y = y * tl.load(W + c, mask=c < C, other=0.0).to(acc_ty)[:, None]
             if HAS_BIAS:
