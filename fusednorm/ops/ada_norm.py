@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
 
 
 @torch.library.custom_op("fusednorm::ada_norm_fwd", mutates_args=())
@@ -70,7 +70,7 @@ def _(dy, x, scale, shift, weight, bias, mean, rstd, is_rms):
     return x.new_empty(x.shape), scale.new_empty(scale.shape), shift.new_empty(shift.shape), dw, db
 
 
-class AdaNormFunction(torch.autograd.Function):
+class AdaNormFunction(BackendPinnedFunction):
     """Autograd for adaptive LayerNorm/RMSNorm; saves x, scale, shift, mean, rstd."""
 
     @staticmethod

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
 from fusednorm.ops.layer_norm import as_rows
 
 
@@ -103,7 +103,7 @@ def _(dy, ds, s, weight, bias, mean, rstd, is_rms, dropout_p, seed, x_dtype, has
     return s.new_empty(s.shape, dtype=x_dtype), dres, dw, db
 
 
-class AddNormFunction(torch.autograd.Function):
+class AddNormFunction(BackendPinnedFunction):
     """Autograd for residual-add + norm; saves s, mean, rstd and the seed (never the dropout mask)."""
 
     @staticmethod

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
 
 
 @torch.library.custom_op("fusednorm::layer_norm_cf_fwd", mutates_args=())
@@ -57,7 +57,7 @@ def _(dy, x, weight, bias, mean, rstd):
     return torch.empty_like(x), dw, db
 
 
-class LayerNormCFFunction(torch.autograd.Function):
+class LayerNormCFFunction(BackendPinnedFunction):
     """Autograd for channels-first LayerNorm; saves x, mean and rstd (fp32)."""
 
     @staticmethod

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import acc_dtype
+from fusednorm.ops import BackendPinnedFunction, acc_dtype
 
 
 def _merge_equal(mean: Tensor, m2: Tensor, count: int, dim: int) -> tuple[Tensor, Tensor]:
@@ -150,7 +150,7 @@ def _(dy, x, weight, mean_weight, var_weight, mean_in, var_in, mean_ln, var_ln, 
             mean_weight.new_empty(mean_weight.shape), var_weight.new_empty(var_weight.shape))
 
 
-class SwitchableNormFunction(torch.autograd.Function):
+class SwitchableNormFunction(BackendPinnedFunction):
     """Autograd for SwitchableNorm; saves x and the small statistics tensors."""
 
     @staticmethod

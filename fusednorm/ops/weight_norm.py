@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import acc_dtype
+from fusednorm.ops import BackendPinnedFunction, acc_dtype
 
 
 @torch.library.custom_op("fusednorm::weight_norm_fwd", mutates_args=())
@@ -42,7 +42,7 @@ def _(dw, v, g, norm):
     return v.new_empty(v.shape), g.new_empty(g.shape)
 
 
-class WeightNormFunction(torch.autograd.Function):
+class WeightNormFunction(BackendPinnedFunction):
     """Autograd for weight norm over rows; saves v, g and the fp32 row norms."""
 
     @staticmethod
