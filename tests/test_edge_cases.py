@@ -203,8 +203,7 @@ def test_infinite_running_var_stays_infinite_like_torch(backend):
 # ==== constant rows / eps = 0 ===============================================================================
 
 
-_INEXACT_MEAN = {("layer_norm", "reference"), ("adaptive_layer_norm", "reference"), ("layer_norm_2d", "triton"),
-                 ("layer_norm_2d", "reference")}
+_INEXACT_MEAN = {("layer_norm", "reference")}
 CONSTANT_PARAMS = [
     pytest.param(n, b, marks=[pytest.mark.xfail(
         strict=True, reason="BUG: mean of a constant row is 1 ulp off (sum/N); times rstd = 1/sqrt(eps) the output "
@@ -241,11 +240,7 @@ def test_eps_zero_matches_torch(name, backend):
         assert_close(a, b64, t, f"{name} grad {i} (eps=0)")
 
 
-EPS_CONST_PARAMS = [
-    pytest.param(n, b, marks=[pytest.mark.xfail(
-        strict=True, reason="BUG: instance_norm(eps=0) on a constant plane gives NaN; torch gives the bias (its "
-        "batch-norm kernel uses invstd = 0 when var == 0 and eps == 0)")] if n == "instance_norm" else [])
-    for n, b in EPS_OPS if n not in ("batch_norm_eval", "instance_norm_eval")]
+EPS_CONST_PARAMS = [p for p in EPS_OPS if p[0] not in ("batch_norm_eval", "instance_norm_eval")]
 
 
 @pytest.mark.parametrize("name,backend", EPS_CONST_PARAMS)
@@ -301,8 +296,6 @@ def test_empty_batch(name, backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("weight_norm"))
-@pytest.mark.xfail(strict=True, reason="BUG: weight_norm_fn on an empty v (0, K) fails inside ops/weight_norm.py with "
-                   "'cannot reshape tensor of 0 elements into shape [0, -1]' instead of returning an empty w")
 def test_weight_norm_of_empty_weight(backend):
     """torch._weight_norm itself dies with SIGFPE on a (0, 16) v (so it is not called here); fusednorm should give
     the empty w, an empty dv and an empty dg."""

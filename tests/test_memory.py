@@ -46,11 +46,6 @@ def _saved_tensors(fn, leaves, buffers, backend):
 
 
 CASE_PARAMS = [(n, b) for n in CASE_NAMES for b in backends_for(n)]
-_FP32_COPY_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: instance_norm(use_input_stats=False) with a bf16/fp16 input saves an fp32 copy of "
-    "the input for backward (functional.py eval path computes input.to(float32) * scale with autograd)")
-
-
 def _saved_params():
     """(dtype, name, backend): what is saved is decided in the op layer, so the slow Triton interpreter runs fp32
     only; bf16 (the case where a saved fp32 copy would double memory) runs on the compiled backends."""
@@ -59,8 +54,7 @@ def _saved_params():
         for dtype in (torch.float32, torch.bfloat16):
             if backend == "triton" and dtype != torch.float32:
                 continue
-            marks = [_FP32_COPY_BUG] if (name == "instance_norm_eval" and dtype == torch.bfloat16) else []
-            out.append(pytest.param(dtype, name, backend, marks=marks,
+            out.append(pytest.param(dtype, name, backend,
                                     id=f"{str(dtype)[6:]}-{name}-{backend}"))
     return out
 
