@@ -295,6 +295,21 @@ def test_empty_batch(name, backend):
         _same_pattern(bf, bt, f"{name} buffers on an empty batch")
 
 
+@pytest.mark.parametrize("backend", backends_for("instance_norm"))
+@pytest.mark.xfail(strict=True, reason="BUG: instance_norm with zero spatial elements (input (1, 1, 0)) and running "
+                   "stats writes NaN into running_mean/running_var (0/0 statistics folded in); torch leaves them "
+                   "as they were (found by the fuzzer, slow profile)")
+def test_instance_norm_zero_spatial_keeps_running_stats(backend):
+    x = torch.randn(1, 1, 0)
+    rm, rv = torch.tensor([0.25]), torch.tensor([1.5])
+    trm, trv = rm.clone(), rv.clone()
+    with fusednorm.use_backend(backend):
+        y = F.instance_norm(x, rm, rv, use_input_stats=True, momentum=0.1)
+    TF.instance_norm(x, trm, trv, use_input_stats=True, momentum=0.1)
+    assert y.shape == x.shape
+    assert torch.equal(rm, trm) and torch.equal(rv, trv), f"running stats {rm}, {rv}; torch keeps {trm}, {trv}"
+
+
 @pytest.mark.parametrize("backend", backends_for("weight_norm"))
 def test_weight_norm_of_empty_weight(backend):
     """torch._weight_norm itself dies with SIGFPE on a (0, 16) v (so it is not called here); fusednorm should give
