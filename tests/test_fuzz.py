@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as TF
 from conftest import cpu_backends
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import given as _given
 from hypothesis import strategies as st
 from oracle import ATOL, assert_close
@@ -34,8 +34,11 @@ import fusednorm.functional as F
 
 BACKENDS = cpu_backends()
 
+# ci: no shrinking (a failing Triton-interpreter example would spend minutes shrinking); the failing example and
+# its @reproduce_failure blob are printed as found.
 settings.register_profile(
     "ci", max_examples=15, deadline=None, derandomize=True, database=None, print_blob=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 settings.register_profile(
@@ -537,7 +540,15 @@ SPECS: dict[str, Callable] = {
 }
 
 
-@pytest.mark.parametrize("op,backend", [(op, b) for op in SPECS for b in backends_for(op)])
+_AS_ROWS_BUG = pytest.mark.xfail(
+    strict=True, reason="BUG: ops/layer_norm.py as_rows: normalized_shape (2, 1) of a sliced view (strides (6, 1)) "
+    "gives rows with stride 6; the Triton kernel reads the wrong elements (see test_edge_cases."
+    "test_trailing_unit_dim_of_a_sliced_view)")
+FUZZ_PARAMS = [pytest.param(op, b, marks=[_AS_ROWS_BUG] if (op in ("layer_norm", "rms_norm") and b == "triton") else [])
+               for op in SPECS for b in backends_for(op)]
+
+
+@pytest.mark.parametrize("op,backend", FUZZ_PARAMS)
 def test_fuzz_functional(op, backend, fuzz_settings, poison_empty):
     def body(data):
         case = SPECS[op](data, BUDGET[backend])
