@@ -37,7 +37,7 @@ BACKENDS = cpu_backends()
 # ci: no shrinking (a failing Triton-interpreter example would spend minutes shrinking); the failing example and
 # its @reproduce_failure blob are printed as found.
 settings.register_profile(
-    "ci", max_examples=15, deadline=None, derandomize=True, database=None, print_blob=True,
+    "ci", max_examples=30, deadline=None, derandomize=True, database=None, print_blob=True,
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
@@ -544,8 +544,21 @@ _AS_ROWS_BUG = pytest.mark.xfail(
     strict=True, reason="BUG: ops/layer_norm.py as_rows: normalized_shape (2, 1) of a sliced view (strides (6, 1)) "
     "gives rows with stride 6; the Triton kernel reads the wrong elements (see test_edge_cases."
     "test_trailing_unit_dim_of_a_sliced_view)")
-FUZZ_PARAMS = [pytest.param(op, b, marks=[_AS_ROWS_BUG] if (op in ("layer_norm", "rms_norm") and b == "triton") else [])
-               for op in SPECS for b in backends_for(op)]
+_SN_PRECISION = pytest.mark.xfail(
+    strict=True, reason="BUG? switchable_norm eval backward on the reference backend: dx error 1.65e-2 vs float64, "
+    "2.15x torch's composite (7.7e-3), for x = -200 + 0.01 * randn (fp32, N=3, C=4, L=9, strided, running stats); "
+    "ci example 'AEIEaEEAQQNBA0EEQQlBA0EBQQMAQQFBAEMBLI4='")
+
+
+def _fuzz_marks(op: str, backend: str) -> list:
+    if op in ("layer_norm", "rms_norm") and backend == "triton":
+        return [_AS_ROWS_BUG]
+    if op == "switchable_norm" and backend == "reference":
+        return [_SN_PRECISION]
+    return []
+
+
+FUZZ_PARAMS = [pytest.param(op, b, marks=_fuzz_marks(op, b)) for op in SPECS for b in backends_for(op)]
 
 
 @pytest.mark.parametrize("op,backend", FUZZ_PARAMS)
