@@ -273,7 +273,9 @@ def instance_norm(
         y, mean, var = _instance_norm_eps0(input, weight, bias)
     else:
         y, mean, var = group_norm_nd(input, c, weight, bias, eps, "none", with_var=with_var)
-    if with_var:
+    # As torch: instances without spatial elements leave the buffers alone, but an empty batch (N == 0) folds in
+    # the NaN mean over zero instances.
+    if with_var and (spatial_numel(input) > 0 or input.shape[0] == 0):
         m = spatial_numel(input)
         with torch.no_grad():
             running_mean.mul_(1.0 - momentum).add_(mean.mean(dim=0).to(running_mean.dtype), alpha=momentum)
@@ -586,6 +588,7 @@ def switchable_norm(
                 if num_batches_tracked is None:
                     raise ValueError(f"{name}: using_moving_average=False needs num_batches_tracked")
                 factor = 1.0 / float(num_batches_tracked.item())
-            running_mean.lerp_(mean_bn.to(running_mean.dtype), factor)
-            running_var.lerp_(var_bn.to(running_var.dtype), factor)
+            # torch's (1 - m) * r + m * s form (lerp_ would turn an infinite running value into NaN)
+            running_mean.mul_(1 - factor).add_(mean_bn.to(running_mean.dtype) * factor)
+            running_var.mul_(1 - factor).add_(var_bn.to(running_var.dtype) * factor)
     return y

@@ -187,8 +187,6 @@ def test_nan_and_inf_propagate_like_torch(where, name, backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("batch_norm"))
-@pytest.mark.xfail(strict=True, reason="BUG: an Inf running_var becomes NaN after a training step (torch keeps Inf): "
-                   "ops/batch_norm.py update_running_stats uses lerp_, inf + m * (v - inf) = NaN")
 def test_infinite_running_var_stays_infinite_like_torch(backend):
     x = torch.randn(8, 3)
     rm, rv = torch.zeros(3), torch.tensor([1.0, float("inf"), 1.0])
@@ -203,12 +201,7 @@ def test_infinite_running_var_stays_infinite_like_torch(backend):
 # ==== constant rows / eps = 0 ===============================================================================
 
 
-_INEXACT_MEAN = {("layer_norm", "reference")}
-CONSTANT_PARAMS = [
-    pytest.param(n, b, marks=[pytest.mark.xfail(
-        strict=True, reason="BUG: mean of a constant row is 1 ulp off (sum/N); times rstd = 1/sqrt(eps) the output "
-        "misses the bias by ~2e-5 where torch is exact")] if (n, b) in _INEXACT_MEAN else [])
-    for n, b in PARAMS]
+CONSTANT_PARAMS = PARAMS
 
 
 @pytest.mark.parametrize("name,backend", CONSTANT_PARAMS)
@@ -296,9 +289,6 @@ def test_empty_batch(name, backend):
 
 
 @pytest.mark.parametrize("backend", backends_for("instance_norm"))
-@pytest.mark.xfail(strict=True, reason="BUG: instance_norm with zero spatial elements (input (1, 1, 0)) and running "
-                   "stats writes NaN into running_mean/running_var (0/0 statistics folded in); torch leaves them "
-                   "as they were (found by the fuzzer, slow profile)")
 def test_instance_norm_zero_spatial_keeps_running_stats(backend):
     x = torch.randn(1, 1, 0)
     rm, rv = torch.tensor([0.25]), torch.tensor([1.5])
@@ -322,11 +312,7 @@ def test_weight_norm_of_empty_weight(backend):
     assert v.grad.shape == (0, 16) and g.grad.shape == (0, 1)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[pytest.mark.xfail(
-    strict=True, reason="BUG: ops/layer_norm.py as_rows checks stride(-1) == 1 before view(m, n); with a trailing "
-    "size-1 dim (normalized_shape (3, 1)) of a sliced view the rows come out with stride 6: native raises 'last "
-    "dim must be contiguous', triton silently reads the wrong elements")] if b != "reference" else [])
-    for b in backends_for("layer_norm")])
+@pytest.mark.parametrize("backend", backends_for("layer_norm"))
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 def test_trailing_unit_dim_of_a_sliced_view(backend, rms):
     """Found by the fuzzer: x = big[:, 2:3] (shape (3, 1), strides (6, 1)) normalized over (3, 1)."""

@@ -540,10 +540,6 @@ SPECS: dict[str, Callable] = {
 }
 
 
-_AS_ROWS_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: ops/layer_norm.py as_rows: normalized_shape (2, 1) of a sliced view (strides (6, 1)) "
-    "gives rows with stride 6; the Triton kernel reads the wrong elements (see test_edge_cases."
-    "test_trailing_unit_dim_of_a_sliced_view)")
 _SN_PRECISION = pytest.mark.xfail(
     strict=True, reason="BUG? switchable_norm eval backward on the reference backend: dx error 1.65e-2 vs float64, "
     "2.15x torch's composite (7.7e-3), for x = -200 + 0.01 * randn (fp32, N=3, C=4, L=9, strided, running stats); "
@@ -551,8 +547,6 @@ _SN_PRECISION = pytest.mark.xfail(
 
 
 def _fuzz_marks(op: str, backend: str) -> list:
-    if op in ("layer_norm", "rms_norm") and backend == "triton":
-        return [_AS_ROWS_BUG]
     if op == "switchable_norm" and backend == "reference":
         return [_SN_PRECISION]
     return []

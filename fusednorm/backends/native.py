@@ -207,3 +207,10 @@ def _batch_norm_bwd_reduce_fake(dy, x, mean, rstd):
 @torch.library.register_fake("fusednorm_C::batch_norm_bwd_dx")
 def _batch_norm_bwd_dx_fake(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, training):
     return torch.empty_like(x, memory_format=_fmt(x))
+
+
+# The fused variants' native ops (csrc/cpu/variants.cpp) live in their own module; export them from this backend.
+from fusednorm.backends.native_variants import *  # noqa: E402,F401,F403
+from fusednorm.backends.native_variants import NATIVE_VARIANT_OPS  # noqa: E402
+
+_OPS = _OPS | NATIVE_VARIANT_OPS

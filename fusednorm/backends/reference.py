@@ -55,10 +55,15 @@ def layer_norm_fwd(
         rstd = torch.rsqrt(xf.square().mean(dim=1) + eps)
         xhat = xf * rstd[:, None]
     else:
-        mean = xf.mean(dim=1)
-        var = (xf - mean[:, None]).square().mean(dim=1)
+        # Shift by each row's first element before averaging: a constant row then has an exactly zero centred
+        # value (sum/N of equal values is not always exact), and |mean| >> std loses less.
+        shift = xf[:, :1]
+        centred_mean = (xf - shift).mean(dim=1)
+        mean = centred_mean + shift[:, 0]
+        centred = (xf - shift) - centred_mean[:, None]
+        var = centred.square().mean(dim=1)
         rstd = torch.rsqrt(var + eps)
-        xhat = (xf - mean[:, None]) * rstd[:, None]
+        xhat = centred * rstd[:, None]
     y = xhat
     if weight is not None:
         y = y * weight.to(acc)

@@ -136,7 +136,8 @@ def update_running_stats(
             if buf is None:
                 continue
             weight = momentum.to(device=buf.device, dtype=buf.dtype) if isinstance(momentum, Tensor) else momentum
-            buf.lerp_(stat.to(buf.dtype).view(buf.shape), weight)
+            # Not lerp_: r + m * (s - r) turns an infinite running value into NaN, torch's form keeps it.
+            buf.mul_(1 - weight).add_(stat.to(buf.dtype).view(buf.shape) * weight)
 
 
 # ---- autograd --------------------------------------------------------------------------------------------

@@ -83,14 +83,19 @@ class LayerNormFunction(BackendPinnedFunction):
 
 
 def as_rows(x: Tensor, n: int) -> Tensor:
-    """View ``x`` as (M, n) rows with a contiguous last dim, copying only when no such view exists."""
-    if x.dim() >= 1 and x.numel() > 0 and x.stride(-1) != 1:
-        x = x.contiguous()
+    """View ``x`` as (M, n) rows with a contiguous last dim, copying only when no such view exists.
+
+    A strided batch (e.g. a slice of a fused projection) stays a view with its row stride. The check is made on
+    the 2-D view itself: a trailing unit dim can make x's last stride 1 while the rows are not contiguous.
+    """
     m = x.numel() // n if n > 0 else x.numel()
     try:
-        return x.view(m, n)
+        rows = x.view(m, n)
     except RuntimeError:  # leading dims not collapsible into one stride: one copy is unavoidable
-        return x.contiguous().view(m, n)
+        rows = x.contiguous().view(m, n)
+    if rows.numel() > 0 and n > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
 
 
 def layer_norm_rows(
