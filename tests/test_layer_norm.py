@@ -330,3 +330,11 @@ def test_triton_backend_runs_module_forward_backward():
     ref(xr).square().sum().backward()
     torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m.weight.grad, ref.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [65537, 262144])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_very_wide_rows(backend, n, rms, poison_empty):
+    """Rows far past the register-resident limit (and past the 64K limit common in peers) take the chunked path."""
+    _run_case(backend, (2,), (n,), torch.float32, torch.float32, rms, affine=True)
