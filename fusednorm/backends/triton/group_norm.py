@@ -397,6 +397,22 @@ def group_norm_config(cg: int, s: int, channels_last: bool, dtype: torch.dtype =
     return {"BLOCK_C": tile // block_s, "BLOCK_S": block_s}
 
 
+def group_norm_num_warps(kernel: str, channels_last: bool, block_c: int, fp64: bool) -> int:
+    """Warps per program for ``kernel`` ("stats", "apply", "bwd_reduce", "bwd_dx") on one tile shape.
+
+    8 everywhere except two tiles where ptxas spilled a few bytes at 8 warps on sm_90 (the NCHW backward reduce
+    with affine + SiLU, the one-channel NHWC apply); 16 warps halves their per-thread values. Chosen from the
+    offline compile report (tests/test_codegen.py), where 16 warps everywhere spilled elsewhere instead.
+    """
+    if fp64:
+        return NUM_WARPS
+    if kernel == "bwd_reduce" and not channels_last:
+        return 2 * NUM_WARPS
+    if kernel == "apply" and channels_last and block_c == 1:
+        return 2 * NUM_WARPS
+    return NUM_WARPS
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -523,7 +539,8 @@ def group_norm_fwd_var(
             x, y, w, b, pcount, pmean, pm2, mean, rstd, var,
             sxn, sxo, syn, syo, *geo.common_args(), eps,
             CHANNELS_LAST=geo.channels_last, AFFINE=w is not None, SILU=activation == "silu",
-            PBLOCK=PARTIAL_BLOCK, **geo.cfg, num_warps=NUM_WARPS,
+            PBLOCK=PARTIAL_BLOCK, **geo.cfg,
+            num_warps=group_norm_num_warps("apply", geo.channels_last, geo.cfg["BLOCK_C"], acc == torch.float64),
         )
     return y, mean, rstd, var
 
@@ -569,7 +586,8 @@ def group_norm_bwd(
         group_norm_bwd_reduce_kernel[geo.grid](
             dy, x, w, b, mean, rstd, psum_g, psum_gx, dwp, dbp,
             sdn, sdo, sxn, sxo, geo.c, *geo.common_args(),
-            **flags, **geo.cfg, num_warps=NUM_WARPS,
+            **flags, **geo.cfg,
+            num_warps=group_norm_num_warps("bwd_reduce", geo.channels_last, geo.cfg["BLOCK_C"], acc == torch.float64),
         )
         group_norm_bwd_dx_kernel[geo.grid](
             dy, x, w, b, mean, rstd, psum_g, psum_gx, dx,
@@ -592,9 +610,13 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
     geo = {"G": "i32", "cg": "i32", "S": "i32", "tiles_s": "i32", "tiles_per_prog": "i32", "num_tiles": "i32"}
     out = []
 
+    kinds = {group_norm_stats_kernel: "stats", group_norm_apply_kernel: "apply",
+             group_norm_bwd_reduce_kernel: "bwd_reduce", group_norm_bwd_dx_kernel: "bwd_dx"}
+
     def add(kernel, tag, sig, consts):
+        warps = group_norm_num_warps(kinds[kernel], consts["CHANNELS_LAST"], consts["BLOCK_C"], "fp64" in tag)
         out.append((f"{kernel.__name__} {tag}", kernel, {**sig, **dict.fromkeys(consts, "constexpr")}, consts,
-                    NUM_WARPS))
+                    warps))
 
     for xd, pd, ad in dtype_sets:
         elems = TILE_FP64 if xd == "fp64" else TILE
