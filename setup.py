@@ -58,7 +58,12 @@ def _native_extension():
     debug = _flag("FUSEDNORM_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -g0: Python's default flags add -g, which doubles compile time and .so size for no use here.
-    cxx = [*opt, "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"] + ([] if debug else ["-g0"])
+    # -fopenmp: at::parallel_for is a header template that expands to `#pragma omp parallel` (ATen's parallel
+    # backend is OpenMP); without the flag the pragma is silently dropped and every kernel runs on one thread.
+    # The resulting NEEDED libgomp.so.1 resolves to the copy torch has already loaded (same soname), so
+    # torch.set_num_threads governs our kernels too.
+    cxx = [*opt, "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"] + ([] if debug else ["-g0"])
+    link = ["-fopenmp"]
     macros: list[tuple[str, str | None]] = []
 
     is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
@@ -90,6 +95,7 @@ def _native_extension():
                 "cxx": cxx,
                 "nvcc": [*opt, "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"],
             },
+            extra_link_args=link,
         )
     else:
         why = (
@@ -108,6 +114,7 @@ def _native_extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
