@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fusednorm.bench import bytes_model, cli, presets, providers
 from fusednorm.bench.cases import DTYPES, OPS, Case, TorchOps, canonical_mode, expand_ops, parse_shape
-from fusednorm.bench.runner import ERROR, FAILED, OK, SKIPPED, RunConfig, run_case, scaled_error
+from fusednorm.bench.runner import ERROR, FAILED, OK, SKIPPED, RunConfig, check_case, run_case, scaled_error
 from fusednorm.bench.timing import Timer, rotation_count, summarize
 
 CPU = torch.device("cpu")
@@ -140,6 +140,30 @@ def test_preset_contents():
     assert "adaptive_layer_norm" in {c.op for c in diff}
     assert {"batch_norm_train", "batch_norm_eval", "group_norm"} <= {c.op for c in presets.resnet()}
     assert presets.preset("default", "cuda") == presets.default_gpu()
+    # every op is in the tiny preset, and the issue-8 variants in the variants preset
+    assert {c.op for c in presets.tiny()} == set(OPS)
+    variant_ops = {"add_layer_norm", "add_rms_norm", "layer_norm_2d", "adaptive_layer_norm", "switchable_norm",
+                   "weight_norm"}
+    assert {c.op for c in presets.variants()} == variant_ops
+
+
+def test_presets_include_switchable_and_weight_norm():
+    """The two late variants are in the default suites (one training case each, to keep the default short), in
+    the cpu comparison, and where their models live: SwitchableNorm on ResNet maps, weight norm of Linear
+    (out, in) and conv (out, in, kh, kw) weights."""
+    for default in (presets.default_cpu(), presets.default_gpu()):
+        extra = [c for c in default if c.op in ("switchable_norm", "weight_norm")]
+        assert sorted(c.op for c in extra) == ["switchable_norm", "weight_norm"]
+        assert all(c.mode == "forward+backward" for c in extra)
+    cpu = presets.cpu()
+    for op in ("switchable_norm", "weight_norm"):
+        cases = [c for c in cpu if c.op == op]
+        assert {c.dtype for c in cases} == {"fp32", "bf16"} and {c.mode for c in cases} == {"forward",
+                                                                                            "forward+backward"}
+    assert {len(c.shape) for c in cpu if c.op == "weight_norm"} == {2, 4}
+    assert (32, 256, 56, 56) in {c.shape for c in presets.resnet() if c.op == "switchable_norm"}
+    assert (4096, 4096) in {c.shape for c in presets.llm() if c.op == "weight_norm"}
+    assert {len(c.shape) for c in presets.variants() if c.op == "weight_norm"} == {2, 3, 4}
 
 
 # ---- byte model ----------------------------------------------------------------------------------------
@@ -192,10 +216,49 @@ def test_byte_model_adaptive_and_channels_first():
 
 def test_byte_model_covers_every_op_and_mode():
     for op in OPS:
-        shape = {"rows": (4, 8), "seq": (2, 3, 8), "maps": (2, 8, 3, 3)}[OPS[op].kind]
+        shape = {"rows": (4, 8), "seq": (2, 3, 8), "maps": (2, 8, 3, 3), "weight": (8, 4, 3)}[OPS[op].kind]
         for mode in ("forward", "backward", "forward+backward", "inference"):
             c = Case(op, shape, "fp32", mode, groups=4)
             assert bytes_model.bytes_moved(c) >= 2 * bytes_model.units(c)[0]
+
+
+def test_byte_model_switchable_norm():
+    # training: x read, y written (2E); weight, bias read and running mean/var read + written (6P); per-(n, c)
+    # mean and var saved (2S). backward: x, dy read, dx written (3E); weight read, dweight, dbias written (3P);
+    # the two saved (n, c) vectors read (2S)
+    c = Case("switchable_norm", (8, 64, 56, 56), "fp32", "forward")
+    e, p, s = 8 * 64 * 56 * 56 * 4, 64 * 4, 8 * 64 * 4
+    assert bytes_model.units(c) == (e, p, s)
+    assert bytes_model.bytes_moved(c) == 2 * e + 6 * p + 2 * s == 12_850_688
+    assert bytes_model.bytes_moved(Case("switchable_norm", (8, 64, 56, 56), "fp32", "inference")) == 2 * e + 6 * p
+    assert bytes_model.bytes_moved(Case("switchable_norm", (8, 64, 56, 56), "fp32", "backward")) == (
+        3 * e + 3 * p + 2 * s
+    )
+    c = Case("switchable_norm", (8, 64, 56, 56), "fp32", "fwd+bwd")
+    assert bytes_model.bytes_moved(c) == 5 * e + 9 * p + 4 * s == 32_123_136
+    assert bytes_model.formula(c) == "5E + 9P + 4S"
+    # bf16 activations and parameters, fp32 statistics; mixed: fp32 parameters
+    c = Case("switchable_norm", (2, 32, 7, 7), "bf16", "forward")
+    assert bytes_model.bytes_moved(c) == 2 * (2 * 32 * 49 * 2) + 6 * (32 * 2) + 2 * (2 * 32 * 4)
+    c = Case("switchable_norm", (2, 32, 7, 7), "mixed", "forward")
+    assert bytes_model.bytes_moved(c) == 2 * (2 * 32 * 49 * 2) + 6 * (32 * 4) + 2 * (2 * 32 * 4)
+
+
+def test_byte_model_weight_norm():
+    # a 4096x4096 Linear weight: v read and w written (2E), g read (P), one fp32 norm per row saved (S);
+    # backward: dw and v read, dv written (3E), g read and dg written (2P), the norms read (S)
+    c = Case("weight_norm", (4096, 4096), "fp32", "forward")
+    e, p, s = 4096 * 4096 * 4, 4096 * 4, 4096 * 4
+    assert bytes_model.units(c) == (e, p, s)
+    assert bytes_model.bytes_moved(c) == 2 * e + p + s == 134_250_496
+    assert bytes_model.bytes_moved(Case("weight_norm", (4096, 4096), "fp32", "inference")) == 2 * e + p
+    assert bytes_model.bytes_moved(Case("weight_norm", (4096, 4096), "fp32", "backward")) == 3 * e + 2 * p + s
+    assert bytes_model.formula(Case("weight_norm", (4096, 4096), "fp32", "fwd+bwd")) == "5E + 3P + 2S"
+    # a conv weight (out, in, kh, kw): one norm per output channel over in * kh * kw; bf16 v and g
+    c = Case("weight_norm", (512, 256, 3, 3), "bf16", "fwd+bwd")
+    e, p, s = 512 * 256 * 9 * 2, 512 * 2, 512 * 4
+    assert bytes_model.units(c) == (e, p, s)
+    assert bytes_model.bytes_moved(c) == 5 * e + 3 * p + 2 * s == 11_803_648
 
 
 # ---- timing helpers ------------------------------------------------------------------------------------
@@ -291,6 +354,141 @@ def test_missing_provider_and_missing_op_are_skipped_with_reason():
     assert res["torch"].status == OK
 
 
+class _SwitchableSwapped:
+    """SwitchableNorm with the mean and variance mixing logits swapped (a plausible argument-order bug)."""
+
+    @staticmethod
+    def switchable_norm(input, running_mean, running_var, weight, bias, mean_weight, var_weight, *args, **kw):
+        return TorchOps.switchable_norm(input, running_mean, running_var, weight, bias, var_weight, mean_weight,
+                                        *args, **kw)
+
+
+class _SwitchableStale:
+    """Right output, but the running statistics are never updated."""
+
+    @staticmethod
+    def switchable_norm(input, running_mean, running_var, *args, **kw):
+        return TorchOps.switchable_norm(input, running_mean.clone(), running_var.clone(), *args, **kw)
+
+
+class _SwitchableNoLogitGrad:
+    """Right values, but no gradient reaches the mean mixing logits."""
+
+    @staticmethod
+    def switchable_norm(input, running_mean, running_var, weight, bias, mean_weight, var_weight, *args, **kw):
+        return TorchOps.switchable_norm(input, running_mean, running_var, weight, bias, mean_weight.detach(),
+                                        var_weight, *args, **kw)
+
+
+class _WeightNormWhole:
+    """Normalizes by the norm of the whole weight instead of one norm per output row."""
+
+    @staticmethod
+    def weight_norm_fn(v, g, dim=0):
+        return TorchOps.weight_norm_fn(v, g, 0) * (torch.linalg.vector_norm(v.detach(), dim=tuple(range(1, v.dim())),
+                                                                           keepdim=True) / v.detach().norm())
+
+
+class _WeightNormNoGGrad:
+    """Right values, but g gets no gradient."""
+
+    @staticmethod
+    def weight_norm_fn(v, g, dim=0):
+        return TorchOps.weight_norm_fn(v, g.detach(), dim)
+
+
+class _VariantsSlightly:
+    """The variants scaled by (1 + off): far beyond rounding at fp32 (1e-3); at bf16 the gate's floor is
+    8e-3 + 2x torch's error (~0.25 % here), so 2 % must be caught."""
+
+    off = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+
+    @staticmethod
+    def switchable_norm(*args, **kw):
+        y = TorchOps.switchable_norm(*args, **kw)
+        return y * (1 + _VariantsSlightly.off[y.dtype])
+
+    @staticmethod
+    def weight_norm_fn(v, g, dim=0):
+        w = TorchOps.weight_norm_fn(v, g, dim)
+        return w * (1 + _VariantsSlightly.off[w.dtype])
+
+
+@pytest.mark.parametrize(
+    "op, shape, ns, what, grad_only",
+    [
+        ("switchable_norm", (3, 6, 5, 5), _SwitchableSwapped, "y:", False),
+        ("switchable_norm", (3, 6, 5, 5), _SwitchableStale, "running_mean:", False),
+        ("switchable_norm", (3, 6, 5, 5), _SwitchableNoLogitGrad, "dmean_weight:", True),
+        ("weight_norm", (12, 40), _WeightNormWhole, "y:", False),
+        ("weight_norm", (6, 3, 3, 3), _WeightNormNoGGrad, "dg:", True),
+    ],
+)
+def test_wrong_variant_provider_is_failed(op, shape, ns, what, grad_only):
+    """SwitchableNorm and weight norm go through the same gate: a wrong output, running statistic or gradient is
+    FAILED (and not timed); a gradient-only bug passes the forward-only modes."""
+    ps = [providers.PROVIDERS["torch"], _Fake("wrong", ns)]
+    for mode in ("forward", "backward", "forward+backward", "inference"):
+        res = _by_name(run_case(Case(op, shape, "fp32", mode), ps, fast_cfg()))
+        assert res["torch"].status == OK, (mode, res["torch"].detail)
+        if grad_only and mode in ("forward", "inference"):
+            assert res["wrong"].status == OK, (mode, res["wrong"].detail)
+        else:
+            assert res["wrong"].status == FAILED and res["wrong"].timing is None, (mode, res["wrong"].detail)
+            assert what in res["wrong"].detail, res["wrong"].detail
+
+
+@pytest.mark.parametrize("op, shape", [("switchable_norm", (2, 8, 4, 4)), ("weight_norm", (16, 3, 3, 3))])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_small_relative_error_in_a_variant_is_caught(op, shape, dtype):
+    ps = [providers.PROVIDERS["torch"], _Fake("slightly", _VariantsSlightly)]
+    res = _by_name(run_case(Case(op, shape, dtype, "inference"), ps, fast_cfg()))
+    assert res["torch"].status == OK
+    assert res["slightly"].status == FAILED
+
+
+def test_torch_baselines_of_switchable_and_weight_norm():
+    """The torch-eager twins (also the float64 oracle of the bench) agree with independent definitions: torch's
+    own weight norm (torch._weight_norm, the parametrization) and SwitchableNorm as the paper writes it."""
+    gen = torch.Generator().manual_seed(3)
+    v = torch.randn(6, 3, 4, 5, dtype=torch.float64, generator=gen)
+    for dim in (0, 1, 3, -1):
+        g = torch.rand(torch.norm_except_dim(v, 2, dim).shape, dtype=torch.float64, generator=gen) + 0.5
+        torch.testing.assert_close(TorchOps.weight_norm_fn(v, g, dim), torch._weight_norm(v, g, dim))
+    torch.testing.assert_close(TorchOps.weight_norm_fn(v, g, None), torch._weight_norm(v, g, -1))
+    lin = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(40, 12, dtype=torch.float64))
+    with torch.no_grad():
+        lin.parametrizations.weight.original0.mul_(torch.rand(12, 1, dtype=torch.float64, generator=gen) + 0.5)
+    p = lin.parametrizations.weight
+    torch.testing.assert_close(TorchOps.weight_norm_fn(p.original1, p.original0, 0), lin.weight)
+
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64, generator=gen) * 2 + 0.7
+    w, b = torch.randn(5, dtype=torch.float64, generator=gen), torch.randn(5, dtype=torch.float64, generator=gen)
+    mw, vw = torch.randn(3, dtype=torch.float64, generator=gen), torch.randn(3, dtype=torch.float64, generator=gen)
+    rm, rv = torch.randn(5, dtype=torch.float64, generator=gen), torch.rand(5, dtype=torch.float64, generator=gen)
+    xs = x.reshape(3, 5, -1)
+    mean_in, var_in = xs.mean(-1), xs.var(-1, unbiased=False)
+    sq = var_in + mean_in**2
+    mean_ln, mean_bn = mean_in.mean(1, keepdim=True), mean_in.mean(0, keepdim=True)
+    var_ln, var_bn = sq.mean(1, keepdim=True) - mean_ln**2, sq.mean(0, keepdim=True) - mean_bn**2
+    sm, sv = torch.softmax(mw, 0), torch.softmax(vw, 0)
+    mu = sm[0] * mean_in + sm[1] * mean_ln + sm[2] * mean_bn
+    var = sv[0] * var_in + sv[1] * var_ln + sv[2] * var_bn
+    want = ((xs - mu[..., None]) / (var[..., None] + 1e-5).sqrt()).reshape(x.shape) * w[:, None, None] \
+        + b[:, None, None]
+    want_rm, want_rv = 0.9 * rm + 0.1 * mean_bn[0], 0.9 * rv + 0.1 * var_bn[0]
+    got = TorchOps.switchable_norm(x, rm, rv, w, b, mw, vw, training=True, momentum=0.1, eps=1e-5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(rm, want_rm)
+    torch.testing.assert_close(rv, want_rv)
+    # eval: the running statistics replace the batch ones
+    mu = sm[0] * mean_in + sm[1] * mean_ln + sm[2] * rm
+    var = sv[0] * var_in + sv[1] * var_ln + sv[2] * rv
+    want = ((xs - mu[..., None]) / (var[..., None] + 1e-5).sqrt()).reshape(x.shape) * w[:, None, None] \
+        + b[:, None, None]
+    torch.testing.assert_close(TorchOps.switchable_norm(x, rm, rv, w, b, mw, vw, training=False), want)
+
+
 def test_provider_registry():
     names = [p.name for p in providers.get_providers()]
     assert names[:4] == ["triton", "native", "torch", "torch_compile"] and "reference" not in names
@@ -317,6 +515,84 @@ def test_every_op_and_mode_checks_out_for_torch_and_reference():
                 assert r.check_err <= r.check_tol
                 seen_ok.add((r.provider, case.op))
     assert ("reference", "layer_norm") in seen_ok and ("torch", "batch_norm_train") in seen_ok
+
+
+class _TritonInterpreted(providers.FusednormBackend):
+    """fusednorm's Triton backend on CPU tensors through the interpreter (conftest sets TRITON_INTERPRET=1): the
+    bench itself skips it on CPU because interpreter times mean nothing, but its answers can be checked."""
+
+    def __init__(self) -> None:
+        super().__init__("triton")
+
+    def unavailable(self, device):
+        import fusednorm
+
+        info = fusednorm.available_backends()["triton"]
+        return None if info.available else info.detail
+
+
+def _native_missing() -> str | None:
+    import fusednorm
+
+    info = fusednorm.available_backends()["native"]
+    return None if info.available else info.detail
+
+
+def test_switchable_and_weight_norm_check_out_on_every_backend():
+    """Every tiny case of the two variants, every mode, fp32/bf16/mixed: fusednorm's native, reference and
+    (interpreted) Triton backends and torch eager pass the float64 gate."""
+    triton = _TritonInterpreted()
+    ps = [providers.PROVIDERS["native"], providers.PROVIDERS["reference"], providers.PROVIDERS["torch"], triton]
+    cases = [c for c in presets.tiny() if c.op in ("switchable_norm", "weight_norm")]
+    assert {c.mode for c in cases} == set(("forward", "backward", "forward+backward", "inference"))
+    assert {c.dtype for c in cases} == {"fp32", "bf16", "mixed"}
+    missing = {"native": _native_missing(), "triton": triton.unavailable(CPU)}
+    for case in cases:
+        results, _ = check_case(case, ps, fast_cfg())
+        for name, r in results.items():
+            if missing.get(name):
+                assert r.status == SKIPPED, (case.label, name, r.status)
+                continue
+            assert r.status == OK, (case.label, name, r.status, r.detail)
+            assert r.check_err is not None and r.check_err <= r.check_tol, (case.label, name)
+    if any(missing.values()):
+        pytest.skip(f"backends not available here: {missing}")
+
+
+@pytest.mark.parametrize(
+    "op, shape, formula, tiny_case",
+    [
+        ("switchable_norm", "3x6x5x5", "5E + 9P + 4S", "switchable_norm 2x8x4x4 mixed fwd+bwd"),
+        ("weight_norm", "16x3x3x3", "5E + 3P + 2S", "weight_norm 6x3x3x3 fp32 infer"),
+    ],
+)
+def test_cli_single_case_switchable_and_weight_norm(op, shape, formula, tiny_case, tmp_path, capsys):
+    """``fusednorm-bench --op <variant> --shape ...`` with the native and reference providers: every provider is
+    checked and timed, the byte model is the variant's, the table shows the case."""
+    assert op in cli.build_parser().epilog and expand_ops([op]) == [op]
+    assert cli.main(["--list", "--preset", "tiny", "--op", op]) == 0
+    listed = capsys.readouterr().out
+    assert tiny_case in listed and "layer_norm" not in listed
+    path = tmp_path / "r.csv"
+    argv = ["--op", op, "--shape", shape, "--mode", "fwd+bwd", "--dtype", "fp32", "bf16", "--provider", "native",
+            "reference", "--csv", str(path), *FAST]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{op} {shape} fp32 fwd+bwd" in out and f"{op} {shape} bf16 fwd+bwd" in out
+    rows = list(csv.DictReader(path.open()))
+    assert sorted((r["provider"], r["dtype"]) for r in rows) == sorted(
+        (p, d) for p in ("native", "reference", "torch") for d in ("fp32", "bf16")
+    )
+    native_missing = _native_missing()
+    for r in rows:
+        assert r["byte_model"] == formula
+        if r["provider"] == "native" and native_missing:
+            assert r["status"] == "skipped"
+            continue
+        assert r["status"] == "ok", r
+        assert float(r["median_ms"]) > 0 and float(r["gbps"]) > 0 and float(r["check_err"]) <= float(r["check_tol"])
+    if native_missing:
+        pytest.skip(f"native extension unavailable: {native_missing}")
 
 
 def test_scaled_error():

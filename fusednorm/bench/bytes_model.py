@@ -5,10 +5,11 @@ or write exactly once (an ideal kernel keeps everything else on chip), so a kern
 over a large input (e.g. BatchNorm statistics then normalization on maps larger than the cache) can reach at
 most about 2/3 of the copy bandwidth in this unit; that is by design, the model states the floor.
 
-Symbols (all in bytes): ``E`` one activation-sized tensor (numel x activation element size), ``P`` one
-per-feature parameter vector (features x parameter element size; features = hidden for row norms, C for
-maps), ``S`` one saved statistic vector in fp32 (fp64 for fp64 inputs): per row for row norms, per (n, group)
-for GroupNorm/InstanceNorm, per channel for BatchNorm. forward+backward is forward plus backward (the input
+Symbols (all in bytes): ``E`` one activation-sized tensor (numel x activation element size; for weight_norm the
+weight v), ``P`` one per-feature parameter vector (features x parameter element size; features = hidden for row
+norms, C for maps, O output rows for weight_norm), ``S`` one saved statistic vector in fp32 (fp64 for fp64
+inputs): per row for row norms, per (n, group) for GroupNorm/InstanceNorm, per channel for BatchNorm, per (n, c)
+for SwitchableNorm, per output row for weight_norm. forward+backward is forward plus backward (the input
 is re-read by the backward; the statistics are written once and read once).
 
 | op               | inference   | forward          | backward                       |
@@ -24,6 +25,13 @@ is re-read by the backward; the statistics are written once and read once).
 | batch_norm_eval  | 2E + 4P     | 2E + 4P          | 3E + 5P (X re-read for dW; running mean/var read) |
 | layer_norm_2d    | 2E + 2P     | 2E + 2P + 2S     | 3E + 2S + 3P (statistics per (n, position)) |
 | adaptive_layer_norm | 2E + 2P  | 2E + 2P + 2S     | 3E + 2S + 3P (P = one (B, D) scale or shift) |
+| switchable_norm  | 2E + 6P     | 2E + 6P + 2S     | 3E + 2S + 3P (as BatchNorm train; S = per-plane mean, var) |
+| weight_norm      | 2E + P      | 2E + P + S       | 3E + S + 2P (dW, V, G, norm in; dV, dG out) |
+
+switchable_norm (training): one read of x gives each (n, c) plane's (mean, var), from which the layer and batch
+statistics follow; saving those two (N, C) vectors is all backward needs. The (3,) mixing logits and their
+gradients (at most 48 bytes) are left out. weight_norm: v (O, *K) is the "activation", g (O, 1, ...) the
+parameter, the saved statistic is one norm per output row.
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ _TABLE: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], tuple[int, i
     "batch_norm_eval": ((2, 4, 0), (2, 4, 0), (3, 5, 0)),
     "layer_norm_2d": ((2, 2, 0), (2, 2, 2), (3, 3, 2)),
     "adaptive_layer_norm": ((2, 2, 0), (2, 2, 2), (3, 3, 2)),
+    "switchable_norm": ((2, 6, 0), (2, 6, 2), (3, 3, 2)),
+    "weight_norm": ((2, 1, 0), (2, 1, 1), (3, 2, 1)),
 }
 
 
@@ -63,11 +73,13 @@ def units(case: Case) -> tuple[int, int, int]:
         return e, case.shape[0] * case.shape[-1] * _elt(act), (case.numel // case.shape[-1]) * stat_elt
     if case.op == "layer_norm_2d":
         return e, case.shape[1] * _elt(param), (case.numel // case.shape[1]) * stat_elt
+    if case.op == "weight_norm":  # one norm and one g per output row (dim 0)
+        return e, case.shape[0] * _elt(param), case.shape[0] * stat_elt
     if case.spec.kind == "rows":
         features, stats = case.shape[-1], case.numel // case.shape[-1]
     else:
         features = case.shape[1]
-        if case.op == "instance_norm":
+        if case.op in ("instance_norm", "switchable_norm"):
             stats = case.shape[0] * case.shape[1]
         elif case.op.startswith("group_norm"):
             stats = case.shape[0] * case.groups

@@ -8,7 +8,8 @@ and how to call the op through a *functional namespace*: ``fusednorm.functional`
 
 Shapes: row norms (layer_norm, rms_norm and the residual-add variants) take ``(tokens, hidden)`` and normalize
 the last dim; adaptive_layer_norm takes ``(batch, length, hidden)``; map norms (group_norm, instance_norm,
-batch_norm, layer_norm_2d) take ``(N, C, *spatial)``.
+batch_norm, layer_norm_2d, switchable_norm) take ``(N, C, *spatial)``; weight_norm takes a weight ``(out, *in)``
+(a Linear ``(out, in)`` or a conv ``(out, in, *kernel)``) and normalizes each output row (``dim=0``).
 """
 
 from __future__ import annotations
@@ -207,6 +208,63 @@ class TorchOps:
         return y * (1 + scale[:, None, :]) + shift[:, None, :]
 
     @staticmethod
+    def switchable_norm(
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        weight: Tensor,
+        bias: Tensor,
+        mean_weight: Tensor,
+        var_weight: Tensor,
+        training: bool = False,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        using_moving_average: bool = True,
+        num_batches_tracked: Tensor | None = None,
+    ) -> Tensor:
+        # SwitchableNorm in plain torch ops, computed the way torch's own norm kernels compute (BatchNorm,
+        # GroupNorm): statistics and normalization in fp32 (fp64 for fp64), one rounding of the result to
+        # input's dtype (also fusednorm's output dtype for bf16 input with fp32 parameters). A chain of bf16 ops
+        # instead would err by ~1 % in y and up to ~80 % in the mixing-logit gradients, and that error is the
+        # budget every provider is checked against. Each statistic comes from its own var_mean (never
+        # E[x^2] - E[x]^2, which cancels when |mean| >> std).
+        n, c = input.shape[0], input.shape[1]
+        acc = torch.promote_types(input.dtype, torch.float32)
+        x = input.reshape(n, c, -1).to(acc)
+        var_in, mean_in = torch.var_mean(x, dim=2, correction=0)
+        var_ln, mean_ln = torch.var_mean(x, dim=(1, 2), correction=0)
+        if training or running_mean is None:
+            var_bn, mean_bn = torch.var_mean(x, dim=(0, 2), correction=0)
+        else:
+            mean_bn, var_bn = running_mean.to(acc), running_var.to(acc)
+        wm, wv = torch.softmax(mean_weight.to(acc), 0), torch.softmax(var_weight.to(acc), 0)
+        mu = wm[0] * mean_in + wm[1] * mean_ln[:, None] + wm[2] * mean_bn[None, :]
+        var = wv[0] * var_in + wv[1] * var_ln[:, None] + wv[2] * var_bn[None, :]
+        scale = torch.rsqrt(var + eps) * weight.to(acc)[None, :]
+        y = (x - mu[..., None]) * scale[..., None] + bias.to(acc)[:, None]
+        if training and running_mean is not None and running_var is not None:
+            m = momentum if using_moving_average else 1.0 / float(num_batches_tracked)
+            with torch.no_grad():
+                running_mean.mul_(1 - m).add_(mean_bn.detach().to(running_mean.dtype) * m)
+                running_var.mul_(1 - m).add_(var_bn.detach().to(running_var.dtype) * m)
+        return y.reshape(input.shape).to(input.dtype)
+
+    @staticmethod
+    def weight_norm_fn(v: Tensor, g: Tensor, dim: int | None = 0) -> Tensor:
+        # torch's own weight norm: torch._weight_norm is what torch.nn.utils.parametrizations.weight_norm runs
+        # (fused kernels with fp32 accumulation for dim 0 / last). It rejects bf16 v with fp32 g on CPU, so mixed
+        # dtypes get its math written out, w = v * (g / ||v||), rounded to v's dtype (fusednorm's contract).
+        d = -1 if dim is None else dim
+        if v.dtype == g.dtype:
+            return torch._weight_norm(v, g, d)
+        acc = torch.promote_types(torch.promote_types(v.dtype, g.dtype), torch.float32)
+        if d == -1 or v.dim() == 0:
+            return (v * (g.reshape(()) / torch.linalg.vector_norm(v, dtype=acc))).to(v.dtype)
+        keep = d % v.dim()
+        norm = torch.linalg.vector_norm(v, dim=[i for i in range(v.dim()) if i != keep], keepdim=True, dtype=acc)
+        return (v * (g.reshape(norm.shape) / norm)).to(v.dtype)
+
+    @staticmethod
     def _add_norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, is_rms):
         # the unfused torch program: h = dropout(x) + residual in the residual's dtype, then the norm of h
         # in x's dtype (what fusednorm.functional.add_layer_norm / add_rms_norm fuse)
@@ -232,11 +290,13 @@ Inputs = dict[str, Any]
 class OpSpec:
     """How one op is built and called.
 
-    kind: ``rows`` (shape (M, N)), ``seq`` (shape (B, L, D), normalized over D) or ``maps`` (shape
-    (N, C, *spatial)). fn: the function name looked up in a
-    provider's namespace. tensors: input tensor names, of which ``params`` have the parameter dtype and
+    kind: ``rows`` (shape (M, N)), ``seq`` (shape (B, L, D), normalized over D), ``maps`` (shape
+    (N, C, *spatial)) or ``weight`` (a weight (O, *K), one norm per output row O). fn: the function name looked
+    up in a provider's namespace. tensors: input tensor names, of which ``params`` have the parameter dtype and
     ``state`` are buffers the op mutates (BatchNorm running stats, compared after the correctness run).
     grads: the tensors gradients are taken for in backward modes. call(ns, inputs) runs the op.
+    param_shapes: parameters whose shape is not the per-feature vector (features = hidden, C, or O), by name:
+    a function of the case's shape (SwitchableNorm's (3,) mixing logits, weight norm's (O, 1, ..., 1) g).
     """
 
     name: str
@@ -249,12 +309,15 @@ class OpSpec:
     call: Callable[[Any, Inputs], Any]
     description: str
     cond: tuple[str, ...] = ()  # per-sample conditioning vectors (B, D) in the activation dtype (AdaLN)
+    param_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = dataclasses.field(default_factory=dict)
 
     def validate(self, case: Case) -> None:
         if self.kind == "rows" and len(case.shape) != 2:
             raise ValueError(f"{self.name} takes a (tokens, hidden) shape, got {shape_str(case.shape)}")
         if self.kind == "seq" and len(case.shape) != 3:
             raise ValueError(f"{self.name} takes a (batch, length, hidden) shape, got {shape_str(case.shape)}")
+        if self.kind == "weight" and len(case.shape) < 2:
+            raise ValueError(f"{self.name} takes a weight shape (out, *in), got {shape_str(case.shape)}")
         if self.kind == "maps":
             if len(case.shape) < 3:
                 raise ValueError(f"{self.name} takes an (N, C, *spatial) shape, got {shape_str(case.shape)}")
@@ -281,7 +344,7 @@ class OpSpec:
             return (t * scale + shift).to(dtype)
 
         x_shape = case.shape
-        feat = (case.shape[1],) if self.kind == "maps" else (case.shape[-1],)
+        feat = features(case)
         fmt = _memory_format(case)
         out: Inputs = {"case": case}
         for name in self.activations:
@@ -290,10 +353,13 @@ class OpSpec:
         for name in self.cond:
             out[name] = rand((case.shape[0], case.shape[-1]), act_dtype, 0.2, 0.0)
         for name in self.params:
-            if name == "weight":
-                out[name] = rand(feat, param_dtype, 0.2, 1.0)
+            shape = self.param_shapes[name](case.shape) if name in self.param_shapes else feat
+            if name in ("weight", "g"):  # scales: around 1
+                out[name] = rand(shape, param_dtype, 0.2, 1.0)
+            elif name in ("mean_weight", "var_weight"):  # mixing logits: clearly unequal softmax weights
+                out[name] = rand(shape, param_dtype, 0.5, 0.0)
             else:
-                out[name] = rand(feat, param_dtype, 0.2, 0.0)
+                out[name] = rand(shape, param_dtype, 0.2, 0.0)
         for name in self.state:
             if name == "running_mean":
                 out[name] = rand(feat, param_dtype, 0.1, 0.5)
@@ -310,6 +376,12 @@ class OpSpec:
     @property
     def num_outputs(self) -> int:
         return 2 if self.name.startswith("add_") else 1
+
+
+def features(case: Case) -> tuple[int, ...]:
+    """The per-feature parameter shape of ``case``: (C,) for maps, (O,) for a weight, else (hidden,)."""
+    kind = case.spec.kind
+    return (case.shape[1],) if kind == "maps" else (case.shape[0],) if kind == "weight" else (case.shape[-1],)
 
 
 def _memory_format(case: Case) -> torch.memory_format:
@@ -447,6 +519,27 @@ _register(
         lambda ns, t: ns.adaptive_layer_norm(t["x"], t["scale"], t["shift"], None, None, 1e-6),
         "DiT AdaLN: LayerNorm(x) * (1 + scale) + shift, scale/shift (B, D) per sample, no affine",
         cond=("scale", "shift"),
+    )
+)
+
+_register(
+    OpSpec(
+        "switchable_norm", "maps", "switchable_norm", ("x",), ("weight", "bias", "mean_weight", "var_weight"),
+        ("running_mean", "running_var"), ("x", "weight", "bias", "mean_weight", "var_weight"),
+        lambda ns, t: ns.switchable_norm(
+            t["x"], t["running_mean"], t["running_var"], t["weight"], t["bias"], t["mean_weight"],
+            t["var_weight"], training=True, momentum=0.1, eps=1e-5,
+        ),
+        "SwitchableNorm in training: softmax mix of instance, layer and batch statistics, running stats updated",
+        param_shapes={"mean_weight": lambda shape: (3,), "var_weight": lambda shape: (3,)},
+    )
+)
+_register(
+    OpSpec(
+        "weight_norm", "weight", "weight_norm_fn", ("v",), ("g",), (), ("v", "g"),
+        lambda ns, t: ns.weight_norm_fn(t["v"], t["g"], 0),
+        "weight norm w = g * v / ||v||, one norm per output row (dim=0; Linear and conv weights)",
+        param_shapes={"g": lambda shape: (shape[0],) + (1,) * (len(shape) - 1)},
     )
 )
 

@@ -8,7 +8,9 @@
   the AMP mix; forward, backward, forward+backward; residual-add variants.
 - ``diffusion``: UNet GroupNorm (+SiLU) maps at batch 1-8, NCHW and channels_last; DiT adaptive LayerNorm.
 - ``resnet``: BatchNorm (train and eval) and GroupNorm on ResNet-50 feature maps, NCHW and channels_last; the
-  channels-first LayerNorm on ConvNeXt maps.
+  channels-first LayerNorm on ConvNeXt maps; SwitchableNorm (training) on the ResNet-50 maps.
+- ``variants``: every fused variant at GPU sizes: residual-add LayerNorm/RMSNorm, channels-first LayerNorm,
+  adaptive LayerNorm, SwitchableNorm, and weight norm of Linear and conv weights.
 - ``tiny``: every op and mode at toy sizes (tests, smoke runs).
 """
 
@@ -57,6 +59,8 @@ def default_cpu() -> list[Case]:
     cases += grid(("instance_norm",), [(8, 64, 64, 64)], ("fp32",), ("forward",))
     cases += grid(("layer_norm_2d",), [(8, 96, 56, 56)], ("fp32",), ("forward",))
     cases += grid(("adaptive_layer_norm",), [(4, 1024, 1152)], ("fp32",), ("forward",))
+    cases += grid(("switchable_norm",), [(8, 64, 56, 56)], ("fp32",), ("forward+backward",))
+    cases += grid(("weight_norm",), [(4096, 4096)], ("fp32",), ("forward+backward",))
     return cases
 
 
@@ -79,6 +83,11 @@ def cpu() -> list[Case]:
     cases += grid(("layer_norm_2d",), [(8, 96, 56, 56), (8, 384, 14, 14)], ("fp32", "bf16"),
                   ("forward", "forward+backward"), ("contiguous", "channels_last"))
     cases += grid(("adaptive_layer_norm",), [(4, 1024, 1152)], ("fp32", "bf16"), ("forward", "forward+backward"))
+    cases += grid(("switchable_norm",), [(8, 64, 56, 56), (8, 256, 28, 28)], ("fp32", "bf16"),
+                  ("forward", "forward+backward"))
+    # weight norm: a Linear weight (out, in) and a 3x3 conv weight (out, in, kh, kw), normalized per output row
+    cases += grid(("weight_norm",), [(4096, 4096), (1024, 4096), (512, 512, 3, 3)], ("fp32", "bf16"),
+                  ("forward", "forward+backward"))
     return cases
 
 
@@ -101,6 +110,8 @@ def default_gpu() -> list[Case]:
     cases += grid(("adaptive_layer_norm",), [(8, 4096, 1152)], ("bf16",), ("forward", "forward+backward"))
     cases += grid(("layer_norm_2d",), [(32, 96, 56, 56)], ("bf16",), ("forward+backward",),
                   ("contiguous", "channels_last"))
+    cases += grid(("switchable_norm",), [(32, 256, 56, 56)], ("bf16",), ("forward+backward",))
+    cases += grid(("weight_norm",), [(4096, 4096)], ("fp32",), ("forward+backward",))
     return cases
 
 
@@ -112,6 +123,9 @@ def llm() -> list[Case]:
     cases += grid(ROW_OPS, [(4096, 4096), (16384, 8192), (512, 65536)], ("bf16",), ("backward", "inference"))
     cases += grid(ROW_OPS, [(4096, 4096), (16384, 8192)], ("mixed", "fp32", "fp16"), ("forward+backward",))
     cases += grid(FUSED_ROW_OPS, [(4096, 4096), (16384, 8192), (32768, 16384)], ("bf16",),
+                  ("forward", "forward+backward"))
+    # weight-normalized Linear weights (out, in): fp32 master weights (AMP) and pure bf16
+    cases += grid(("weight_norm",), [(4096, 4096), (14336, 4096), (4096, 14336)], ("fp32", "bf16"),
                   ("forward", "forward+backward"))
     return cases
 
@@ -140,6 +154,23 @@ def resnet() -> list[Case]:
     # ConvNeXt: channels-first LayerNorm on its stage maps
     convnext = [(32, 96, 56, 56), (32, 192, 28, 28), (32, 384, 14, 14), (32, 768, 7, 7)]
     cases += grid(("layer_norm_2d",), convnext, ("bf16",), ("forward", "forward+backward"), layouts)
+    # SwitchableNorm in place of ResNet-50's BatchNorm (training)
+    cases += grid(("switchable_norm",), maps, ("bf16", "fp32"), ("forward", "forward+backward"))
+    return cases
+
+
+def variants() -> list[Case]:
+    """The fused variants (issue 8) at GPU sizes, forward and forward+backward."""
+    train = ("forward", "forward+backward")
+    cases = grid(FUSED_ROW_OPS, [(4096, 4096), (16384, 8192)], ("bf16",), train)
+    cases += grid(("layer_norm_2d",), [(32, 96, 56, 56), (32, 384, 14, 14)], ("bf16",), train,
+                  ("contiguous", "channels_last"))
+    cases += grid(("adaptive_layer_norm",), [(8, 1024, 1152), (2, 4096, 3072)], ("bf16",), train)
+    cases += grid(("switchable_norm",), [(32, 64, 112, 112), (32, 256, 56, 56), (32, 1024, 14, 14)],
+                  ("bf16", "fp32"), train)
+    # Linear weights (out, in); conv weights (out, in, *kernel): a 3x3 Conv2d and a k=7 Conv1d (vocoders)
+    weights = [(4096, 4096), (14336, 4096), (512, 512, 3, 3), (1024, 512, 7)]
+    cases += grid(("weight_norm",), weights, ("fp32", "bf16"), train)
     return cases
 
 
@@ -155,6 +186,10 @@ def tiny() -> list[Case]:
                   ("contiguous", "channels_last"))
     cases += grid(("layer_norm_2d",), [(2, 6, 4, 5)], ("fp32",), modes, ("contiguous", "channels_last"))
     cases += grid(("adaptive_layer_norm",), [(2, 7, 48)], ("fp32",), modes)
+    cases += grid(("switchable_norm",), [(3, 6, 5, 5)], ("fp32",), modes)
+    cases += grid(("switchable_norm",), [(2, 8, 4, 4)], ("bf16", "mixed"), ("forward+backward",))
+    cases += grid(("weight_norm",), [(12, 40), (6, 3, 3, 3)], ("fp32",), modes)
+    cases += grid(("weight_norm",), [(12, 40)], ("bf16", "mixed"), ("forward+backward",))
     return cases
 
 
@@ -165,6 +200,7 @@ PRESETS: dict[str, Callable[[], list[Case]]] = {
     "llm": llm,
     "diffusion": diffusion,
     "resnet": resnet,
+    "variants": variants,
     "tiny": tiny,
 }
 
