@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fusednorm.bench import bytes_model, cli, presets, providers
-from fusednorm.bench.cases import DTYPES, OPS, Case, TorchOps, canonical_mode, expand_ops, parse_shape
+from fusednorm.bench.cases import DTYPES, OP_GROUPS, OPS, Case, TorchOps, canonical_mode, expand_ops, parse_shape
 from fusednorm.bench.runner import ERROR, FAILED, OK, SKIPPED, RunConfig, check_case, run_case, scaled_error
 from fusednorm.bench.timing import Timer, rotation_count, summarize
 
@@ -678,6 +678,15 @@ def test_kernels_report_table(monkeypatch, capsys):
     seen = {}
     fake.compile_report = lambda archs=(80, 90), families=None: seen.update(families=families) or rows[:1]
     assert cli.main(["--kernels", "--family", "layer_norm"]) == 0 and seen["families"] == ("layer_norm",)
+
+
+def test_readme_benchmarks_section_lists_every_op():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    missing = [op for op in [*OPS, *OP_GROUPS] if f"`{op}`" not in section]
+    assert not missing, f"README's Benchmarks section does not mention {missing}"
 
 
 def test_import_fusednorm_does_not_import_the_bench():

@@ -3,9 +3,10 @@
 - ``default``: what ``fusednorm-bench`` runs with no arguments: a few minutes on the machine's device
   (``default_cpu`` on CPU, sized for a 2-core machine; ``default_gpu`` on CUDA).
 - ``cpu``: the CPU comparison against torch: LayerNorm/RMSNorm rows 512-8192 x hidden 768-8192, GroupNorm and
-  BatchNorm on ResNet/UNet feature maps, InstanceNorm; forward and forward+backward; fp32 and bf16.
+  BatchNorm on ResNet/UNet feature maps, InstanceNorm, the fused variants (SwitchableNorm, weight norm of Linear
+  and conv weights included); forward and forward+backward; fp32 and bf16.
 - ``llm``: transformer norms on GPU: tokens 1K-32K x hidden 1K-16K and very wide rows up to 256K; bf16 and
-  the AMP mix; forward, backward, forward+backward; residual-add variants.
+  the AMP mix; forward, backward, forward+backward; residual-add variants; weight norm of Linear weights.
 - ``diffusion``: UNet GroupNorm (+SiLU) maps at batch 1-8, NCHW and channels_last; DiT adaptive LayerNorm.
 - ``resnet``: BatchNorm (train and eval) and GroupNorm on ResNet-50 feature maps, NCHW and channels_last; the
   channels-first LayerNorm on ConvNeXt maps; SwitchableNorm (training) on the ResNet-50 maps.

@@ -1,10 +1,12 @@
 """Who gets measured: fusednorm's backends, torch eager, torch.compile, and peers when installed.
 
 A provider is a *functional namespace* (an object with some of ``layer_norm``, ``rms_norm``, ``group_norm``,
-``instance_norm``, ``batch_norm``, ``add_layer_norm``, ``add_rms_norm`` with ``torch.nn.functional``'s
-signatures, see ``cases.TorchOps``), plus how to enter it (a forced fusednorm backend) and how to wrap a call
-(``torch.compile``). Every provider answers, before anything runs, why it cannot run here (``unavailable``)
-or cannot run one case (``unsupported``); those reasons are reported as 'skipped', never as errors.
+``instance_norm``, ``batch_norm``, ``add_layer_norm``, ``add_rms_norm``, ``layer_norm_2d``,
+``adaptive_layer_norm``, ``switchable_norm``, ``weight_norm_fn`` with ``torch.nn.functional``'s or
+``fusednorm.functional``'s signatures, see ``cases.TorchOps``), plus how to enter it (a forced fusednorm
+backend) and how to wrap a call (``torch.compile``). Every provider answers, before anything runs, why it
+cannot run here (``unavailable``) or cannot run one case (``unsupported``); those reasons are reported as
+'skipped', never as errors.
 
 To add a peer: write a namespace class with the functions it implements (import the peer inside them),
 and append a ``PeerProvider`` to ``_build_registry``.
