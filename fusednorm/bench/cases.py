@@ -297,6 +297,8 @@ class OpSpec:
     grads: the tensors gradients are taken for in backward modes. call(ns, inputs) runs the op.
     param_shapes: parameters whose shape is not the per-feature vector (features = hidden, C, or O), by name:
     a function of the case's shape (SwitchableNorm's (3,) mixing logits, weight norm's (O, 1, ..., 1) g).
+    check_slack: extra scaled-error tolerance for outputs that are ill-conditioned by construction (see the
+    runner's check), by output name; keep it far below the error of a real bug.
     """
 
     name: str
@@ -310,6 +312,7 @@ class OpSpec:
     description: str
     cond: tuple[str, ...] = ()  # per-sample conditioning vectors (B, D) in the activation dtype (AdaLN)
     param_shapes: dict[str, Callable[[tuple[int, ...]], tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+    check_slack: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def validate(self, case: Case) -> None:
         if self.kind == "rows" and len(case.shape) != 2:
@@ -532,6 +535,12 @@ _register(
         ),
         "SwitchableNorm in training: softmax mix of instance, layer and batch statistics, running stats updated",
         param_shapes={"mean_weight": lambda shape: (3,), "var_weight": lambda shape: (3,)},
+        # The mixing-logit gradients are 3 numbers, each a sum over N*C terms that nearly cancel (a softmax
+        # Jacobian times sums of dmu * mean and dvar * var). fp32 rounding alone leaves ~1e-5 to 1e-4 of their
+        # max, and two correct summation orders differ by 2-4x there (torch.compile vs eager measured: 8.9e-5
+        # vs 3.9e-5 on 8x64x56x56), so "2x torch's error" is a coin flip. 1e-3 still fails any real bug (a
+        # missing branch or swapped logits is off by O(1)).
+        check_slack={"dmean_weight": 1e-3, "dvar_weight": 1e-3},
     )
 )
 _register(
