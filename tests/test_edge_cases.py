@@ -242,6 +242,12 @@ def test_eps_zero_constant_row_matches_torch(name, backend):
     fused, ref, leaves, buffers = ops(eps=0.0)[name]
     leaves = [torch.full_like(leaves[0], 2.0)] + leaves[1:]
     out, _, _, _ = _run(fused, leaves, buffers, backend, grad=False)
+    if name == "switchable_norm":
+        # No torch op; in the plain-torch composite x - mu is 0 or +-1 ulp depending on how the softmax-mixed mu
+        # rounds (NaN or +-Inf at random with the mixing logits). fusednorm centres on the plane mean, so
+        # x - mu is exactly 0 and every element is 0 / 0.
+        assert torch.isnan(out).all(), f"{name} constant row, eps=0: {int(torch.isnan(out).sum())} NaN of {out.numel()}"
+        return
     tout, _, _, _ = _run(ref, leaves, buffers, None, grad=False)
     _same_pattern(out, tout, f"{name} constant row, eps=0")
 

@@ -540,15 +540,10 @@ SPECS: dict[str, Callable] = {
 }
 
 
-_SN_PRECISION = pytest.mark.xfail(
-    strict=True, reason="BUG? switchable_norm eval backward on the reference backend: dx error 1.65e-2 vs float64, "
-    "2.15x torch's composite (7.7e-3), for x = -200 + 0.01 * randn (fp32, N=3, C=4, L=9, strided, running stats); "
-    "ci example 'AEIEaEEAQQNBA0EEQQlBA0EBQQMAQQFBAEMBLI4='")
-
-
 def _fuzz_marks(op: str, backend: str) -> list:
-    if op == "switchable_norm" and backend == "reference":
-        return [_SN_PRECISION]
+    # switchable_norm/reference's strict xfail (ci example 'AEIEaEEAQQNBA0EEQQlBA0EBQQMAQQFBAEMBLI4=', eval-mode
+    # dx 2.15x torch's error) is fixed; tests/test_variants.py::test_switchable_norm_eval_far_running_mean_fuzz_example
+    # replays it on every backend.
     return []
 
 

@@ -295,10 +295,20 @@ def weight_norm_bwd(dw: Tensor, v: Tensor, g: Tensor, norm: Tensor) -> tuple[Ten
 
 
 def plane_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact (mean, M2) of each plane of x (R, P) (last dim contiguous); both (R,) acc dtype."""
+    """Exact (mean, M2) of each plane of x (R, P) (last dim contiguous); both (R,) acc dtype.
+
+    Shifted by each plane's first element: the sum then runs over small differences, so the mean is correctly
+    rounded when |mean| >> std (a plain fp32 sum of values near -200 is off by several ulps of the mean, which
+    the backward's centred terms x - mean_in amplify), exact for a constant plane, and M2 never sees the
+    rounding of the mean's large part.
+    """
     xf = x.to(_acc(x.dtype))
-    mean = xf.mean(dim=1)
-    return mean, (xf - mean[:, None]).square().sum(dim=1)
+    if xf.shape[1] == 0:
+        return xf.mean(dim=1), xf.sum(dim=1)
+    shift = xf[:, :1]
+    d = xf - shift
+    dmean = d.mean(dim=1)
+    return shift[:, 0] + dmean, (d - dmean[:, None]).square().sum(dim=1)
 
 
 def plane_affine(x: Tensor, center: Tensor, a: Tensor, b: Tensor) -> Tensor:

@@ -28,18 +28,24 @@ def plane_stats_kernel(X, Mean, M2, stride_x_row, R, P, BLOCK_N: tl.constexpr, R
     acc_ty = Mean.dtype.element_ty
     rows = tl.program_id(0) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
     row_mask = rows < R
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_x_row
+    row_start = X + rows.to(tl.int64) * stride_x_row
+    x_rows = row_start[:, None]
     cols = tl.arange(0, BLOCK_N)
+    # Statistics of x - x[r, 0]: the sums run over small differences, so the mean is correctly rounded when
+    # |mean| >> std (the backward's centred terms x - mean amplify any error in it) and exact for a constant plane.
+    # (P == 0: no load; a tensor comparison because the interpreter passes P as a Python int.)
+    shift = tl.load(row_start, mask=row_mask & (tl.zeros_like(rows) < P), other=0.0).to(acc_ty)
     count = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
     mean = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
     m2 = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
     for start in range(0, P, BLOCK_N):
         c = start + cols
         mask = row_mask[:, None] & (c[None, :] < P)
-        x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(acc_ty)
+        x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(acc_ty) - shift[:, None]
         chunk_count = tl.minimum(P - start, BLOCK_N).to(acc_ty)
         chunk_mean, chunk_m2 = row_stats(x, mask, chunk_count)
         count, mean, m2 = welford_merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+    mean = mean + shift
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(M2 + rows, m2, mask=row_mask)
 
