@@ -49,12 +49,14 @@ def _merge_equal(mean: Tensor, mean_lo: Tensor, m2: Tensor, count: int, dim: int
     return merged.squeeze(dim), merged_lo.squeeze(dim), m2.sum(dim=dim) + count * spread
 
 
-def _offsets(mean_in: Tensor, lo_in: Tensor, mean_ln: Tensor, lo_ln: Tensor, mean_bn: Tensor,
-             lo_bn: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each statistic's true mean minus the rounded plane mean mean_in[n, c]: small, accurate (N, C) tensors."""
+def _offsets(wm: Tensor, mean_in: Tensor, lo_in: Tensor, mean_ln: Tensor, lo_ln: Tensor, mean_bn: Tensor,
+             lo_bn: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each statistic's true mean minus the rounded plane mean mean_in[n, c] (e_in, e_ln, e_bn), and the mixed
+    mean's, mu_off = mu - mean_in: small, accurate (N, C) tensors. Forward and backward both call this, so the
+    backward recomputes the forward's mu_off bit for bit instead of saving it."""
     e_ln = (mean_ln[:, None] - mean_in) + lo_ln[:, None]
     e_bn = (mean_bn[None, :] - mean_in) + lo_bn[None, :]
-    return lo_in, e_ln, e_bn
+    return lo_in, e_ln, e_bn, wm[0] * lo_in + wm[1] * e_ln + wm[2] * e_bn
 
 
 @torch.library.custom_op("fusednorm::switchable_norm_fwd", mutates_args=())
@@ -68,10 +70,10 @@ def switchable_norm_fwd(
     running_var: Optional[Tensor],
     use_batch_stats: bool,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x: (N, C, P) contiguous. Returns y (N, C, P) x.dtype and, in the acc dtype: mean_in, var_in (N, C);
-    mean_ln, var_ln (N,); mean_bn, var_bn (C,) (batch statistics, or the running ones); mu_off = mu - mean_in,
-    rstd (N, C); lo_in (N, C), lo_ln (N,), lo_bn (C,): true mean - rounded mean of each statistic.
+    mean_ln, var_ln (N,); mean_bn, var_bn (C,) (batch statistics, or the running ones); rstd (N, C);
+    lo_in (N, C), lo_ln (N,), lo_bn (C,): true mean - rounded mean of each statistic.
 
     The data is normalised about each plane's own rounded mean, y = (x - mean_in) * a + (b - mu_off * a): x - mean_in
     is exact, and mu_off is small and accurate, where x - mu would carry mu's rounding (ulp(|mu|)) when
@@ -105,8 +107,7 @@ def switchable_norm_fwd(
         lo_bn = torch.zeros((c,), dtype=acc, device=x.device)
     wm = torch.softmax(mean_weight.to(acc), dim=0)
     wv = torch.softmax(var_weight.to(acc), dim=0)
-    e_in, e_ln, e_bn = _offsets(mean_in, lo_in, mean_ln, lo_ln, mean_bn, lo_bn)
-    mu_off = wm[0] * e_in + wm[1] * e_ln + wm[2] * e_bn
+    *_, mu_off = _offsets(wm, mean_in, lo_in, mean_ln, lo_ln, mean_bn, lo_bn)
     var = wv[0] * var_in + wv[1] * var_ln[:, None] + wv[2] * var_bn[None, :]
     rstd = torch.rsqrt(var + eps)
     a = rstd * weight.to(acc)[None, :]
@@ -114,7 +115,7 @@ def switchable_norm_fwd(
     y = backends.select("plane_affine", x).plane_affine(
         planes, mean_in.reshape(-1), a.reshape(-1).contiguous(), b.reshape(-1).contiguous()
     )
-    return y.view(n, c, p), mean_in, var_in, mean_ln, var_ln, mean_bn, var_bn, mu_off, rstd, lo_in, lo_ln, lo_bn
+    return y.view(n, c, p), mean_in, var_in, mean_ln, var_ln, mean_bn, var_bn, rstd, lo_in, lo_ln, lo_bn
 
 
 @switchable_norm_fwd.register_fake
@@ -128,7 +129,7 @@ def _(x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_b
     def vec(k):
         return x.new_empty((k,), dtype=acc)
 
-    return (x.new_empty(x.shape), nc(), nc(), vec(n), vec(n), vec(c), vec(c), nc(), nc(), nc(), vec(n), vec(c))
+    return (x.new_empty(x.shape), nc(), nc(), vec(n), vec(n), vec(c), vec(c), nc(), nc(), vec(n), vec(c))
 
 
 @torch.library.custom_op("fusednorm::switchable_norm_bwd", mutates_args=())
@@ -144,7 +145,6 @@ def switchable_norm_bwd(
     var_ln: Tensor,
     mean_bn: Tensor,
     var_bn: Tensor,
-    mu_off: Tensor,
     rstd: Tensor,
     lo_in: Tensor,
     lo_ln: Tensor,
@@ -166,6 +166,9 @@ def switchable_norm_bwd(
     center = mean_in.reshape(-1).contiguous()
     sum_dy, sum_dyxi = backends.select("plane_bwd_reduce", x).plane_bwd_reduce(dy_planes, planes, center)
     sum_dy, sum_dyxi = sum_dy.view(n, c), sum_dyxi.view(n, c)
+    wm = torch.softmax(mean_weight.to(acc), dim=0)
+    wv = torch.softmax(var_weight.to(acc), dim=0)
+    e_in, e_ln, e_bn, mu_off = _offsets(wm, mean_in, lo_in, mean_ln, lo_ln, mean_bn, lo_bn)
     sum_dyxc = sum_dyxi - mu_off * sum_dy  # sum(dy * (x - mu))
     gamma = weight.to(acc)[None, :]
     dweight = (sum_dyxc * rstd).sum(dim=0)
@@ -173,10 +176,7 @@ def switchable_norm_bwd(
     # gradients of the mixed statistics mu[n, c] and var[n, c]
     dmu = -rstd * gamma * sum_dy
     dvar = -0.5 * rstd.pow(3) * gamma * sum_dyxc
-    wm = torch.softmax(mean_weight.to(acc), dim=0)
-    wv = torch.softmax(var_weight.to(acc), dim=0)
     var = wv[0] * var_in + wv[1] * var_ln[:, None] + wv[2] * var_bn[None, :]  # the forward's mixed variance
-    e_in, e_ln, e_bn = _offsets(mean_in, lo_in, mean_ln, lo_ln, mean_bn, lo_bn)
     # Gradients of the softmax weights through the softmax: d/dw_i = w_i * sum(dstat * (stat_i - mixed)), written
     # with the differences to the mixed statistic (exactly equal to w_i * (g_i - sum_j w_j g_j), since the w_j sum
     # to 1) so that a large common offset of the means (|mean| >> std) cancels in each difference, not in g.
@@ -206,8 +206,8 @@ def switchable_norm_bwd(
 
 
 @switchable_norm_bwd.register_fake
-def _(dy, x, weight, mean_weight, var_weight, mean_in, var_in, mean_ln, var_ln, mean_bn, var_bn, mu_off, rstd,
-      lo_in, lo_ln, lo_bn, use_batch_stats):
+def _(dy, x, weight, mean_weight, var_weight, mean_in, var_in, mean_ln, var_ln, mean_bn, var_bn, rstd, lo_in,
+      lo_ln, lo_bn, use_batch_stats):
     return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
             mean_weight.new_empty(mean_weight.shape), var_weight.new_empty(var_weight.shape))
 
