@@ -61,8 +61,8 @@ def _native_extension():
     # -fopenmp: at::parallel_for is a header template that expands to `#pragma omp parallel` (ATen's parallel
     # backend is OpenMP); without the flag the pragma is silently dropped and every kernel runs on one thread.
     # The resulting NEEDED libgomp.so.1 resolves to the copy torch has already loaded (same soname), so
-    # torch.set_num_threads governs our kernels too.
-    cxx = [*opt, "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"] + ([] if debug else ["-g0"])
+    # torch.set_num_threads governs our kernels too. (-Wno-unknown-pragmas: ATen headers use `#pragma unroll`.)
+    cxx = [*opt, "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"] + ([] if debug else ["-g0"])
     link = ["-fopenmp"]
     macros: list[tuple[str, str | None]] = []
 

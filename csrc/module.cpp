@@ -2,6 +2,9 @@
 // operator registrations of every linked source), has_cuda(), and the CPU instruction-set choice.
 #include <torch/library.h>
 
+#include <ATen/Parallel.h>
+
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -38,6 +41,21 @@ bool has_cuda() {
 }
 
 std::string cpu_isa() { return cpu_use_avx2() ? "avx2" : "base"; }
+
+// Number of threads that at::parallel_for actually runs in this library for a job of `tasks` tasks of
+// grain 1. at::parallel_for is a header template over `#pragma omp parallel`: if the library were built
+// without OpenMP it would silently run on one thread; the tests check this returns
+// min(tasks, torch.get_num_threads()).
+int64_t parallel_threads(int64_t tasks) {
+  std::atomic<int64_t> seen{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num() + 1;
+    int64_t cur = seen.load();
+    while (cur < id && !seen.compare_exchange_weak(cur, id)) {
+    }
+  });
+  return seen.load();
+}
 }  // namespace
 
 }  // namespace fusednorm
@@ -45,6 +63,7 @@ std::string cpu_isa() { return cpu_use_avx2() ? "avx2" : "base"; }
 TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
   m.def("has_cuda() -> bool", &fusednorm::has_cuda);
   m.def("cpu_isa() -> str", &fusednorm::cpu_isa);
+  m.def("parallel_threads(int tasks) -> int", &fusednorm::parallel_threads);
 }
 
 #if !defined(FUSEDNORM_NO_PYTHON)

@@ -384,6 +384,67 @@ print("ok")
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+def test_kernels_run_on_every_thread():
+    """at::parallel_for is `#pragma omp parallel` in a header: built without OpenMP it silently runs on one
+    thread. The library must use every thread torch is set to use."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.fusednorm_C.parallel_threads(8) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.fusednorm_C.parallel_threads(8) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_streaming_stores_match_reference():
+    """FUSEDNORM_CPU_STREAM_BYTES=1 makes every op stream its output (non-temporal stores, with unaligned
+    heads and tails): results must equal the ordinary path bit for bit (read once per process: subprocess)."""
+    code = r"""
+import torch
+from fusednorm.backends import native as nat, reference as ref
+torch.manual_seed(0)
+outs = []
+for dt in (torch.float32, torch.bfloat16, torch.float64):
+    for n in (77, 64, 1):
+        x = torch.randn(9, n + 3, dtype=dt)[:, 3:] + 3  # rows start off 32-byte boundaries
+        w, b = torch.randn(n, dtype=torch.float64 if dt == torch.float64 else torch.float32), None
+        b = torch.randn_like(w)
+        y, mean, rstd = nat.layer_norm_fwd(x, w, b, 1e-5, False)
+        dy = torch.randn_like(x)
+        outs += [y, mean, rstd, *nat.layer_norm_bwd(dy, x, w, b, mean, rstd, False)]
+        s_dtype = torch.float64 if dt == torch.float64 else torch.float32
+        outs += list(nat.add_norm_fwd(x, torch.randn_like(x), w, b, 1e-5, False, 0.0, 0, s_dtype))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xg = (torch.randn(2, 12, 5, 7, dtype=dt) + 2).contiguous(memory_format=fmt)
+        wg = torch.randn(12, dtype=w.dtype); bg = torch.randn_like(wg)
+        y, mean, rstd = nat.group_norm_fwd(xg, wg, bg, 3, 1e-5, "silu")
+        dy = torch.randn_like(xg)
+        outs += [y, *nat.group_norm_bwd(dy, xg, wg, bg, mean, rstd, 3, "silu")]
+        m, m2 = nat.batch_norm_stats(xg)
+        rs = torch.rsqrt(m2 / 70 + 1e-5)
+        outs.append(nat.batch_norm_apply(xg, m, rs, wg, bg))
+torch.save(outs, OUT)
+print("ok")
+"""
+    import tempfile
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stream in ("1", "0"):
+            path = os.path.join(tmp, f"out{stream}.pt")
+            env = dict(os.environ, FUSEDNORM_CPU_STREAM_BYTES=stream)
+            res = subprocess.run([sys.executable, "-c", f"OUT = {path!r}\n" + code], env=env,
+                                 capture_output=True, text=True, timeout=180)
+            assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+            results.append(torch.load(path))
+    streamed, ordinary = results
+    assert len(streamed) == len(ordinary) > 40
+    for i, (a, b) in enumerate(zip(streamed, ordinary, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), i
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"output {i} differs when streamed"
+
+
 # ---- opcheck on every fusednorm_C op -------------------------------------------------------------------
 
 

@@ -13,11 +13,17 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "welford.h"
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace fusednorm {
 namespace cpu {
@@ -78,6 +84,89 @@ inline void from_acc(const A* src, T* dst, int64_t n) {
   }
 }
 
+// ---- non-temporal (streaming) stores for outputs much larger than the caches ---------------------------
+//
+// An ordinary store first reads the destination line into the cache (read-for-ownership), so writing an
+// output that will not be read again soon costs a read and a write of memory; a streaming store writes
+// the line directly. That is a clear win when the output does not fit in the last-level cache anyway,
+// and a loss when it does (the next op would find it in cache), hence the size threshold. Only the AVX2
+// copy streams; the baseline copy always uses ordinary stores.
+
+// Output bytes from which an op streams its output. Chosen above the L3 of common 1-2 socket x86 parts
+// seen by one process (16-32 MiB): FUSEDNORM_CPU_STREAM_BYTES overrides it (0 disables streaming).
+inline int64_t stream_threshold_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("FUSEDNORM_CPU_STREAM_BYTES");
+    if (env != nullptr && *env != '\0') {
+      const long long v = std::atoll(env);
+      return v <= 0 ? INT64_MAX : static_cast<int64_t>(v);
+    }
+    return int64_t(24) << 20;
+  }();
+  return bytes;
+}
+
+inline bool stream_output(int64_t out_bytes) { return out_bytes >= stream_threshold_bytes(); }
+
+// Orders this thread's streaming stores before what follows (call at the end of each task that streamed).
+inline void stream_fence(bool streamed) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (streamed) _mm_sfence();
+#else
+  (void)streamed;
+#endif
+}
+
+// v.store(dst, cnt), streaming when asked and possible (a full, 32-byte aligned vector).
+template <typename A>
+inline void store_vec(const Vectorized<A>& v, A* dst, int64_t cnt, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream && cnt == Vectorized<A>::size() && (reinterpret_cast<std::uintptr_t>(dst) & 31) == 0) {
+    if constexpr (std::is_same_v<A, float>) {
+      _mm256_stream_ps(dst, v);
+      return;
+    } else if constexpr (std::is_same_v<A, double>) {
+      _mm256_stream_pd(dst, v);
+      return;
+    }
+  }
+#else
+  (void)stream;
+#endif
+  v.store(dst, cnt);
+}
+
+// from_acc, streaming the converted output when asked (see above).
+template <typename T, typename A>
+inline void from_acc_stream(const A* src, T* dst, int64_t n, bool stream) {
+  if constexpr (std::is_same_v<T, A>) {
+    using V = Vectorized<A>;
+    for (int64_t i = 0; i < n; i += V::size()) {
+      const int64_t cnt = std::min<int64_t>(V::size(), n - i);
+      store_vec(V::loadu(src + i, cnt), dst + i, cnt, stream);
+    }
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (stream) {
+      using bV = Vectorized<T>;
+      using fV = Vectorized<float>;
+      int64_t i = 0;
+      // Ordinary stores up to the first 32-byte boundary, then streaming whole vectors.
+      const auto mis = static_cast<int64_t>((reinterpret_cast<std::uintptr_t>(dst) & 31) / sizeof(T));
+      const int64_t head = std::min<int64_t>(n, mis == 0 ? 0 : (32 / int64_t(sizeof(T))) - mis);
+      for (; i < head; ++i) dst[i] = static_cast<T>(src[i]);
+      for (; i + bV::size() <= n; i += bV::size()) {
+        const bV v = at::vec::convert_from_float<T>(fV::loadu(src + i), fV::loadu(src + i + fV::size()));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), v);
+      }
+      for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+      return;
+    }
+#endif
+    from_acc(src, dst, n);
+  }
+}
+
 // A read-only accumulation-type view of src[0:n]: src itself when T == A, else a converted copy in buf.
 template <typename T, typename A>
 inline const A* acc_view(const T* src, A* buf, int64_t n) {
@@ -97,6 +186,29 @@ inline A* acc_out(T* dst, A* buf) {
   } else {
     return buf;
   }
+}
+
+// Where to compute acc-type results destined for dst[0:n]: dst itself when T == A and the output is not
+// streamed, else `scratch` (at least n elements), which write_out then converts and/or streams into dst.
+template <typename T, typename A>
+inline A* out_span(T* dst, A* scratch, bool stream) {
+  if constexpr (std::is_same_v<T, A>) {
+    return stream ? scratch : dst;
+  } else {
+    return scratch;
+  }
+}
+
+// Completes out_span: a no-op when the results were written in place.
+template <typename T, typename A>
+inline void write_out(const A* o, T* dst, int64_t n, bool stream) {
+  if (static_cast<const void*>(o) != static_cast<const void*>(dst)) from_acc_stream(o, dst, n, stream);
+}
+
+// Scratch elements a task needs for out_span over spans of n elements.
+template <typename T, typename A>
+inline int64_t out_scratch(int64_t n, bool stream) {
+  return (std::is_same_v<T, A> && !stream) ? 0 : n;
 }
 
 // ---- vectorized reductions (fixed order: bit-identical for the same input) --------------------------

@@ -37,6 +37,7 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
   A* rstdp = rstd.data_ptr<A>();
   const int64_t m = D * HW;  // elements per group
   if (layout == Layout::kNCHW) {
+    const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
       std::vector<A> buf(kChunk);
       for (int64_t i = i0; i < i1; ++i) {
@@ -54,12 +55,13 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
             const int64_t len = std::min(kChunk, HW - off);
             const int64_t pos = base + cc * HW + off;
             const A* a = acc_view(xp + pos, buf.data(), len);
-            A* o = acc_out(yp + pos, buf.data());
+            A* o = out_span(yp + pos, buf.data(), stream);  // may alias a (buf): read before written
             affine_span(a, o, len, st.shift, st.w.mean, scale, shift, silu);
-            if constexpr (!std::is_same_v<T, A>) from_acc(o, yp + pos, len);
+            write_out(o, yp + pos, len, stream);
           }
         }
       }
+      stream_fence(stream);
     });
     return;
   }
@@ -121,6 +123,7 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
   auto bc = [&](int64_t c) { return bp ? bp[c] : A(0); };
 
   if (layout == Layout::kNCHW) {
+    const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
       std::vector<A> bx(kChunk), bdy(kChunk);
       for (int64_t i = i0; i < i1; ++i) {
@@ -161,7 +164,7 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
             const int64_t pos = (n * C + c) * HW + off;
             const A* ax = acc_view(xp + pos, bx.data(), len);
             const A* ady = acc_view(dyp + pos, bdy.data(), len);
-            A* o = acc_out(dxp + pos, bx.data());
+            A* o = out_span(dxp + pos, bx.data(), stream);  // may alias ax (bx): read before written
             for (int64_t j = 0; j < len; j += W) {
               const int64_t k = std::min<int64_t>(W, len - j);
               const V xh = (V::loadu(ax + j, k) - vmu) * vrs;
@@ -169,10 +172,11 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
               if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
               ((de * vw - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(o + j, k);
             }
-            if constexpr (!std::is_same_v<T, A>) from_acc(o, dxp + pos, len);
+            write_out(o, dxp + pos, len, stream);
           }
         }
       }
+      stream_fence(stream);
     });
   } else {
     std::vector<A> cmu(N * C), crs(N * C);

@@ -31,6 +31,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
   A* rstdp = rstd.data_ptr<A>();
   // Enough rows per task to amortize the task overhead on short rows.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     std::vector<A> buf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t r = r0; r < r1; ++r) {
@@ -64,10 +65,11 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         } else if (bp) {
           v = v + V::loadu(bp + j, cnt);
         }
-        v.store(out + j, cnt);
+        store_vec(v, out + j, cnt, stream && std::is_same_v<T, A>);
       }
-      if constexpr (!std::is_same_v<T, A>) from_acc(out, yp + r * N, N);
+      if constexpr (!std::is_same_v<T, A>) from_acc_stream(out, yp + r * N, N, stream);
     }
+    stream_fence(stream);
   });
 }
 
@@ -91,8 +93,9 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   // Per-block partial sums of dy * xhat and dy, reduced in block order below.
   std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
   const A inv_n = A(1) / A(N);
+  const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N);
+    std::vector<A> xbuf(out_scratch<T, A>(N, stream)), dybuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const auto [r0, r1] = block_range(M, blocks, blk);
       A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
@@ -121,7 +124,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
         const A c2 = is_rms ? A(0) : horizontal_sum(s2) * inv_n;
         const V vc1(c1), vc2(c2);
         // Pass 2 (row still in cache): dx = (g - xhat * c1 - c2) * rstd.
-        A* out = acc_out(dxp + r * N, xbuf.data());  // xbuf is free once read: overwrite in place
+        A* out = out_span(dxp + r * N, xbuf.data(), stream);  // may alias ax (xbuf): read before written
         for (int64_t j = 0; j < N; j += W) {
           const int64_t cnt = std::min<int64_t>(W, N - j);
           const V xh = (V::loadu(ax + j, cnt) - vmu) * vrs;
@@ -129,9 +132,10 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
           const V g = wp ? d * V::loadu(wp + j, cnt) : d;
           ((g - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(out + j, cnt);
         }
-        if constexpr (!std::is_same_v<T, A>) from_acc(out, dxp + r * N, N);
+        write_out(out, dxp + r * N, N, stream);
       }
     }
+    stream_fence(stream);
   });
   // Deterministic second reduction: each column sums the block partials in block order.
   if (need_partials) {

@@ -25,19 +25,21 @@ inline int64_t nhwc_blocks_per_sample(int64_t N, int64_t HW, int64_t C) {
 template <typename T, typename A, typename Op>
 void nchw_map(const T* x, const T* dy, T* out, int64_t planes, int64_t HW, const Op& op) {
   const int64_t grain = std::max<int64_t>(1, 4 * kChunk / std::max<int64_t>(HW, 1));
+  const bool stream = stream_output(planes * HW * int64_t(sizeof(T)));
   at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
-    std::vector<A> bx(std::is_same_v<T, A> ? 0 : kChunk), bdy(std::is_same_v<T, A> || !dy ? 0 : kChunk);
+    std::vector<A> bx(out_scratch<T, A>(kChunk, stream)), bdy(std::is_same_v<T, A> || !dy ? 0 : kChunk);
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t off = 0; off < HW; off += kChunk) {
         const int64_t len = std::min(kChunk, HW - off);
         const int64_t base = p * HW + off;
         const A* ax = acc_view(x + base, bx.data(), len);
         const A* ady = dy ? acc_view(dy + base, bdy.data(), len) : nullptr;
-        A* o = acc_out(out + base, bx.data());
+        A* o = out_span(out + base, bx.data(), stream);  // may alias ax's buffer: op reads before it writes
         op(p, ax, ady, o, len);
-        if constexpr (!std::is_same_v<T, A>) from_acc(o, out + base, len);
+        write_out(o, out + base, len, stream);
       }
     }
+    stream_fence(stream);
   });
 }
 
@@ -46,20 +48,22 @@ void nchw_map(const T* x, const T* dy, T* out, int64_t planes, int64_t HW, const
 template <typename T, typename A, typename Op>
 void nhwc_map(const T* x, const T* dy, T* out, int64_t rows, int64_t C, const Op& op) {
   const int64_t R = nhwc_rows_per_chunk(C);
+  const bool stream = stream_output(rows * C * int64_t(sizeof(T)));
   at::parallel_for(0, rows, R, [&](int64_t r0, int64_t r1) {
-    std::vector<A> bx(std::is_same_v<T, A> ? 0 : R * C), bdy(std::is_same_v<T, A> || !dy ? 0 : R * C);
+    std::vector<A> bx(out_scratch<T, A>(R * C, stream)), bdy(std::is_same_v<T, A> || !dy ? 0 : R * C);
     for (int64_t c0 = r0; c0 < r1; c0 += R) {
       const int64_t c1 = std::min(r1, c0 + R);
       const int64_t len = (c1 - c0) * C;
       const A* ax = acc_view(x + c0 * C, bx.data(), len);
       const A* ady = dy ? acc_view(dy + c0 * C, bdy.data(), len) : nullptr;
-      A* o = acc_out(out + c0 * C, bx.data());
+      A* o = out_span(out + c0 * C, bx.data(), stream);  // may alias ax's buffer: op reads a row first
       for (int64_t r = c0; r < c1; ++r) {
         const int64_t k = (r - c0) * C;
         op(r, ax + k, ady ? ady + k : nullptr, o + k);
       }
-      if constexpr (!std::is_same_v<T, A>) from_acc(o, out + c0 * C, len);
+      write_out(o, out + c0 * C, len, stream);
     }
+    stream_fence(stream);
   });
 }
 

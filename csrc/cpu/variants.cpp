@@ -8,143 +8,24 @@
 // block of rows (one block per thread) and reduces them in block order: deterministic for a fixed thread
 // count.
 //
-// One build of this file (no AVX2 twin): the inner loops use ATen's Vectorized at the baseline ISA; the
-// dtype conversions are scalar loops. It depends only on ATen and welford.h.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+// Like the other CPU sources, this file is compiled twice (baseline and AVX2, see isa_prelude.h) and shares
+// the dtype plumbing and vectorized reductions of cpu_utils.h. The registration (baseline copy only)
+// registers the implementations of the copy that matches the CPU, chosen once at load time.
+#include "cpu/isa_prelude.h"
+// (isa_prelude.h must come first: it selects the instruction set of this translation unit.)
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
-#include <vector>
 
-#include "welford.h"
+#include "cpu/cpu_utils.h"
+#include "ops.h"
 
 namespace fusednorm {
 namespace cpu {
+namespace FUSEDNORM_ISA {
 namespace variants {
 
-// Self-contained helpers (this file depends only on ATen and welford.h, not on the other kernels' headers).
-using at::vec::Vectorized;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename T>
-using acc_type = typename AccOf<T>::type;
-
-constexpr int64_t kChunk = 2048;  // statistics chunk: stays in L1 between the two steps
-
-template <typename T, typename A>
-inline void to_acc(const T* src, A* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, A>) {
-    std::memcpy(dst, src, sizeof(A) * n);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(src[i]);
-  }
-}
-
-template <typename T, typename A>
-inline void from_acc(const A* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, A>) {
-    std::memcpy(dst, src, sizeof(A) * n);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-  }
-}
-
-// src itself when T == A, else a converted copy in buf.
-template <typename T, typename A>
-inline const A* acc_view(const T* src, A* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, A>) {
-    return src;
-  } else {
-    to_acc(src, buf, n);
-    return buf;
-  }
-}
-
-template <typename A>
-inline A horizontal_sum(const Vectorized<A>& v) {
-  A tmp[Vectorized<A>::size()];
-  v.store(tmp);
-  A s = 0;
-  for (int64_t k = 0; k < Vectorized<A>::size(); ++k) s += tmp[k];
-  return s;
-}
-
-// sum((p - c)^2) in a fixed order (bit-identical run to run).
-template <typename A>
-inline A vsum_sqdev(const A* p, int64_t n, A c) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  const V vc(c);
-  V acc(A(0));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const V d = V::loadu(p + i) - vc;
-    acc = at::vec::fmadd(d, d, acc);
-  }
-  A s = horizontal_sum(acc);
-  for (; i < n; ++i) s += (p[i] - c) * (p[i] - c);
-  return s;
-}
-
-// sum(p - k)
-template <typename A>
-inline A vsum_shifted(const A* p, int64_t n, A k) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  const V vk(k);
-  V acc(A(0));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc += V::loadu(p + i) - vk;
-  A s = horizontal_sum(acc);
-  for (; i < n; ++i) s += p[i] - k;
-  return s;
-}
-
-// Exact two-step statistics per L1 chunk, chunks merged with Chan's formula (never E[x^2] - E[x]^2). Chunk
-// means are taken relative to p[0], so a constant row has mean == p[0] exactly (not p[0] +- 1 ulp).
-template <typename A>
-inline Welford<A, int64_t> stats_acc(const A* p, int64_t n) {
-  Welford<A, int64_t> s = welford_empty<A, int64_t>();
-  const A k = n > 0 ? p[0] : A(0);
-  for (int64_t off = 0; off < n; off += kChunk) {
-    const int64_t len = std::min(kChunk, n - off);
-    const A mean = k + vsum_shifted(p + off, len, k) / A(len);
-    s = welford_merge(s, Welford<A, int64_t>{len, mean, vsum_sqdev(p + off, len, mean)});
-  }
-  return s;
-}
-
-inline std::pair<int64_t, int64_t> block_range(int64_t rows, int64_t blocks, int64_t b) {
-  const int64_t base = rows / blocks, extra = rows % blocks;
-  const int64_t begin = b * base + std::min(b, extra);
-  return {begin, begin + base + (b < extra ? 1 : 0)};
-}
-
-// One partial-sum block per thread (at most one per row): bit-identical results for a fixed thread count.
-inline int64_t num_blocks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
-}
-
-inline at::Tensor param_acc(const c10::optional<at::Tensor>& p, at::ScalarType acc) {
-  if (!p.has_value() || !p->defined()) return at::Tensor();
-  return p->to(acc).contiguous();
-}
-
-inline at::ScalarType acc_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 constexpr const char* kAddNormFwd =
     "add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool is_rms, "
@@ -214,6 +95,7 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
   A* rstdp = rstd.data_ptr<A>();
   const A scale = A(drop_scale);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     std::vector<A> a(N), tmp(N);
     for (int64_t r = r0; r < r1; ++r) {
@@ -224,9 +106,10 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
         const A* ra = acc_view(rp + r * ldr, tmp.data(), N);
         for (int64_t j = 0; j < N; ++j) a[j] += ra[j];
       }
-      // store s, and continue from the rounded values (no-op when S is the acc type)
+      // Store s, and continue from the rounded values (no-op when S is the acc type). A reduced-precision
+      // s is read back right away, so only an acc-type s is streamed.
       if constexpr (std::is_same_v<S, A>) {
-        std::memcpy(sp + r * N, a.data(), sizeof(A) * N);
+        from_acc_stream(a.data(), sp + r * N, N, stream);
       } else {
         from_acc(a.data(), sp + r * N, N);
         to_acc(sp + r * N, a.data(), N);
@@ -238,27 +121,28 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
         rs = A(1) / std::sqrt(ss / A(N) + A(eps));
       } else {
         const auto st = stats_acc(a.data(), N);
-        mu = st.mean;  // N > 0 here
-        rs = A(1) / std::sqrt(st.m2 / A(N) + A(eps));
+        mu = st.mean();  // N > 0 here
+        rs = A(1) / std::sqrt(st.w.m2 / A(N) + A(eps));
         meanp[r] = mu;
       }
       rstdp[r] = rs;
       const V vmu(mu), vrs(rs);
+      A* o = out_span(yp + r * N, tmp.data(), stream);
       for (int64_t j = 0; j < N; j += W) {
         const int64_t cnt = std::min<int64_t>(W, N - j);
         V v = (V::loadu(a.data() + j, cnt) - vmu) * vrs;
-        if (wp) v = v * V::loadu(wp + j, cnt);
-        if (bp) v = v + V::loadu(bp + j, cnt);
-        v.store(tmp.data() + j, cnt);
+        if (wp && bp) {
+          v = at::vec::fmadd(v, V::loadu(wp + j, cnt), V::loadu(bp + j, cnt));
+        } else if (wp) {
+          v = v * V::loadu(wp + j, cnt);
+        } else if (bp) {
+          v = v + V::loadu(bp + j, cnt);
+        }
+        v.store(o + j, cnt);
       }
-      if constexpr (std::is_same_v<T, A>) {
-        std::memcpy(yp + r * N, tmp.data(), sizeof(A) * N);
-      } else if constexpr (std::is_same_v<T, float> && std::is_same_v<A, double>) {
-        for (int64_t j = 0; j < N; ++j) yp[r * N + j] = static_cast<T>(tmp[j]);
-      } else {
-        from_acc(tmp.data(), yp + r * N, N);
-      }
+      write_out(o, yp + r * N, N, stream);
     }
+    stream_fence(stream);
   });
 }
 
@@ -489,8 +373,8 @@ std::tuple<at::Tensor, at::Tensor> plane_stats(const at::Tensor& x_in) {
       for (int64_t r = r0; r < r1; ++r) {
         const A* a = acc_view(xp + r * ld, buf.data(), P);
         const auto st = stats_acc(a, P);
-        mp[r] = st.mean;
-        m2p[r] = st.m2;
+        mp[r] = st.mean();
+        m2p[r] = st.w.m2;
       }
     });
   });
@@ -848,8 +732,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_norm_fwd(const at::Tensor& x_
           rs = A(1) / std::sqrt(vsum_sqdev(a.data(), D, A(0)) / A(D) + A(eps));
         } else {
           const auto st = stats_acc(a.data(), D);
-          mu = st.mean;
-          rs = A(1) / std::sqrt(st.m2 / A(D) + A(eps));
+          mu = st.mean();
+          rs = A(1) / std::sqrt(st.w.m2 / A(D) + A(eps));
           mp[r] = mu;
         }
         rp[r] = rs;
@@ -948,36 +832,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ada_norm_
   return {dx, dscale, dshift, dw, db};
 }
 
+// Registers this copy's implementations (called by the baseline copy's TORCH_LIBRARY_IMPL below).
+void register_cpu_impls(torch::Library& m) {
+  m.impl("add_norm_fwd", &add_norm_fwd);
+  m.impl("add_norm_bwd", &add_norm_bwd);
+  m.impl("plane_stats", &plane_stats);
+  m.impl("plane_affine", &plane_affine);
+  m.impl("plane_bwd_reduce", &plane_bwd_reduce);
+  m.impl("plane_bwd_dx", &plane_bwd_dx);
+  m.impl("weight_norm_fwd", &weight_norm_fwd);
+  m.impl("weight_norm_bwd", &weight_norm_bwd);
+  m.impl("layer_norm_cf_fwd", &layer_norm_cf_fwd);
+  m.impl("layer_norm_cf_bwd", &layer_norm_cf_bwd);
+  m.impl("ada_norm_fwd", &ada_norm_fwd);
+  m.impl("ada_norm_bwd", &ada_norm_bwd);
+}
+
 }  // namespace variants
+}  // namespace FUSEDNORM_ISA
 }  // namespace cpu
 }  // namespace fusednorm
 
+#if !defined(FUSEDNORM_ISA_AVX2)
+// ---- registration (baseline copy only) ------------------------------------------------------------
+#if defined(FUSEDNORM_HAVE_AVX2)
+namespace fusednorm::cpu::avx2::variants {
+void register_cpu_impls(torch::Library& m);
+}
+#endif
+
 TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
-  m.def(fusednorm::cpu::variants::kAddNormFwd);
-  m.def(fusednorm::cpu::variants::kAddNormBwd);
-  m.def(fusednorm::cpu::variants::kPlaneStats);
-  m.def(fusednorm::cpu::variants::kPlaneAffine);
-  m.def(fusednorm::cpu::variants::kPlaneBwdReduce);
-  m.def(fusednorm::cpu::variants::kPlaneBwdDx);
-  m.def(fusednorm::cpu::variants::kWeightNormFwd);
-  m.def(fusednorm::cpu::variants::kWeightNormBwd);
-  m.def(fusednorm::cpu::variants::kLayerNormCfFwd);
-  m.def(fusednorm::cpu::variants::kLayerNormCfBwd);
-  m.def(fusednorm::cpu::variants::kAdaNormFwd);
-  m.def(fusednorm::cpu::variants::kAdaNormBwd);
+  m.def(fusednorm::cpu::base::variants::kAddNormFwd);
+  m.def(fusednorm::cpu::base::variants::kAddNormBwd);
+  m.def(fusednorm::cpu::base::variants::kPlaneStats);
+  m.def(fusednorm::cpu::base::variants::kPlaneAffine);
+  m.def(fusednorm::cpu::base::variants::kPlaneBwdReduce);
+  m.def(fusednorm::cpu::base::variants::kPlaneBwdDx);
+  m.def(fusednorm::cpu::base::variants::kWeightNormFwd);
+  m.def(fusednorm::cpu::base::variants::kWeightNormBwd);
+  m.def(fusednorm::cpu::base::variants::kLayerNormCfFwd);
+  m.def(fusednorm::cpu::base::variants::kLayerNormCfBwd);
+  m.def(fusednorm::cpu::base::variants::kAdaNormFwd);
+  m.def(fusednorm::cpu::base::variants::kAdaNormBwd);
 }
 
 TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
-  m.impl("add_norm_fwd", &fusednorm::cpu::variants::add_norm_fwd);
-  m.impl("add_norm_bwd", &fusednorm::cpu::variants::add_norm_bwd);
-  m.impl("plane_stats", &fusednorm::cpu::variants::plane_stats);
-  m.impl("plane_affine", &fusednorm::cpu::variants::plane_affine);
-  m.impl("plane_bwd_reduce", &fusednorm::cpu::variants::plane_bwd_reduce);
-  m.impl("plane_bwd_dx", &fusednorm::cpu::variants::plane_bwd_dx);
-  m.impl("weight_norm_fwd", &fusednorm::cpu::variants::weight_norm_fwd);
-  m.impl("weight_norm_bwd", &fusednorm::cpu::variants::weight_norm_bwd);
-  m.impl("layer_norm_cf_fwd", &fusednorm::cpu::variants::layer_norm_cf_fwd);
-  m.impl("layer_norm_cf_bwd", &fusednorm::cpu::variants::layer_norm_cf_bwd);
-  m.impl("ada_norm_fwd", &fusednorm::cpu::variants::ada_norm_fwd);
-  m.impl("ada_norm_bwd", &fusednorm::cpu::variants::ada_norm_bwd);
+#if defined(FUSEDNORM_HAVE_AVX2)
+  if (fusednorm::cpu_use_avx2()) {
+    fusednorm::cpu::avx2::variants::register_cpu_impls(m);
+    return;
+  }
+#endif
+  fusednorm::cpu::base::variants::register_cpu_impls(m);
 }
+#endif
