@@ -22,7 +22,8 @@ from fusednorm.bench.runner import ERROR, FAILED, OK, SKIPPED, RunConfig, check_
 from fusednorm.bench.timing import Timer, rotation_count, summarize
 
 CPU = torch.device("cpu")
-FAST = ["--warmup-ms", "0.5", "--rep-ms", "2", "--rounds", "1", "--no-memory", "--quiet"]
+# --system-malloc: in-process CLI runs must not change the test process's allocator (see the subprocess test).
+FAST = ["--warmup-ms", "0.5", "--rep-ms", "2", "--rounds", "1", "--no-memory", "--quiet", "--system-malloc"]
 
 
 def fast_cfg(**kw) -> RunConfig:
@@ -654,6 +655,19 @@ def test_outputs_csv_json_md_plot(tmp_path, capsys):
     assert md.startswith("# fusednorm-bench results") and "| layer_norm 64x128 fp32 fwd" in md
     png = out["png"].read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_runs_keep_freed_memory_and_say_so(tmp_path):
+    """By default a CPU run keeps freed memory mapped (see timing.keep_freed_cpu_memory) and the report says
+    which allocator the numbers were taken with; --system-malloc leaves glibc alone and says that."""
+    for flag, want in (([], "glibc keeps freed memory"), (["--system-malloc"], "system default")):
+        md = tmp_path / f"r{len(flag)}.md"
+        res = subprocess.run(
+            [sys.executable, "-m", "fusednorm.bench", "--op", "layer_norm", "--shape", "64x128", "--mode", "fwd",
+             "--provider", "reference", "--md", str(md), *[a for a in FAST if a != "--system-malloc"], *flag],
+            capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"CPU allocator: {want}" in md.read_text()
 
 
 def test_cli_exit_1_when_a_provider_is_wrong(monkeypatch, capsys):

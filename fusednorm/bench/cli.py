@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--seed", type=int, default=0)
     meth.add_argument("--threads", type=int, default=None,
                       help="torch CPU threads (default: torch's choice; 1 gives steadier numbers on a busy machine)")
+    meth.add_argument("--system-malloc", action="store_true",
+                      help="CPU: leave glibc's defaults, so large outputs are page-faulted in again on every call "
+                           "(by default freed memory is kept for reuse, like the CUDA caching allocator)")
     out = p.add_argument_group("output")
     out.add_argument("--csv", metavar="PATH", help="write one row per (case, provider)")
     out.add_argument("--json", metavar="PATH", help="write results plus environment (device, versions, commit)")
@@ -179,7 +182,7 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
 
     from fusednorm.bench import report
     from fusednorm.bench.runner import FAILED, RunConfig, run_case
-    from fusednorm.bench.timing import Timer, copy_bandwidth, warm_up_device
+    from fusednorm.bench.timing import Timer, copy_bandwidth, keep_freed_cpu_memory, warm_up_device
 
     # torch warns once per mixed-dtype call that it cannot use its fused path; that is the case being measured
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
@@ -188,6 +191,11 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     cpu = device.type == "cpu"
+    allocator = None
+    if cpu:
+        allocator = "system default (large blocks unmapped on free)"
+        if not args.system_malloc:
+            allocator = keep_freed_cpu_memory() or allocator
     timer = Timer(
         device,
         warmup_ms=args.warmup_ms if args.warmup_ms is not None else 25.0,
@@ -218,6 +226,7 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     env = report.environment(device, copy_gbps, copy_bytes)
+    env["cpu_allocator"] = allocator
     env["wall_s"] = round(time.perf_counter() - t_start, 1)
     report.print_report(results, env, console)
     if args.csv:

@@ -197,6 +197,8 @@ def header_lines(env: dict) -> list[str]:
            f"{', '.join(map(str, env.get('load_average') or ['n/a']))} at the end)" if env["device"] == "cpu" else ""),
         f"torch {env['torch']}, triton {env.get('triton') or 'n/a'}, python {env['python']}, commit {commit}",
     ]
+    if env.get("cpu_allocator"):
+        lines.append(f"CPU allocator: {env['cpu_allocator']}")
     if env.get("wall_s") is not None:
         lines.append(f"wall time of the whole run: {env['wall_s']:.0f} s")
     if env.get("copy_gbps"):

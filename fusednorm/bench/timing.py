@@ -12,11 +12,13 @@ find their data already cached (``rotation_count`` picks how many copies).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -252,3 +254,25 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> int | N
         return int(peak)
     except Exception:  # noqa: BLE001 - a profiler problem means 'unknown', reported as n/a
         return None
+
+
+def keep_freed_cpu_memory() -> str | None:
+    """Make glibc keep freed memory for reuse instead of returning it to the OS; a description, or None.
+
+    torch has no caching allocator on CPU. glibc serves blocks above its mmap threshold (at most 32 MiB)
+    with a fresh mmap and unmaps them on free, and trims the heap top, so a large output is page-faulted in
+    again on every call. On a VM a fault costs microseconds: for a 64 MiB output that is tens of ms,
+    several times the kernel itself, identical for every provider, and it hides the kernels being compared.
+    With M_MMAP_MAX=0 and no trimming, freed blocks are reused from the heap, which is what the CUDA caching
+    allocator gives GPU runs. Applies to this process only; `fusednorm-bench --system-malloc` skips it.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
+    if libc.mallopt(m_mmap_max, 0) != 1 or libc.mallopt(m_trim_threshold, 2**31 - 1) != 1:
+        return None
+    return "glibc keeps freed memory (M_MMAP_MAX=0, no trimming): reused outputs are not page-faulted again"
