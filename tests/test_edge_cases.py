@@ -783,3 +783,51 @@ def test_module_bad_inputs_match_torch():
     ]
     for fused, ref, x in cases:
         _assert_same_error(lambda f=fused, t=x: f(t), lambda r=ref, t=x: r(t))
+
+
+# ==== slow-profile fuzz findings (issue 9) ==================================================================
+# Found by `pytest --slow tests/test_fuzz.py` (hypothesis 6.170.15). Each is rebuilt from the fuzz's own draws with
+# its helpers and checked on every backend. The GroupNorm/InstanceNorm kernels (fusednorm/backends/reference.py,
+# fusednorm/backends/triton/group_norm.py, csrc/) are not this suite owner's to change: strict xfails where they
+# fail, so a fix turns them into failures that ask for the mark to go.
+
+_GN_SMALL_GROUP = pytest.mark.xfail(
+    strict=True, reason="BUG: group_norm backward (reference, Triton and native alike), groups of 2 elements near "
+    "-200 (fp32): dx error 4.3e-4, 2.7x torch's 1.6e-4 (xhat = (x - mean) * rstd carries the fp32 mean's "
+    "half-ulp rounding, 7.6e-6, and dx = rstd * (g - xhat * c1 - c2) cancels to ~1e-4 with rstd ~6); slow-fuzz "
+    "blob (reference) "
+    "b'AEEAQQBBAUECQQNBAkEAQQBBAwBBAEEAQQA='")
+_REF_IN_MEAN = pytest.mark.xfail(
+    strict=True, reason="BUG: reference group_norm_fwd/instance_norm, N=C=1, L=3 near -200 (fp32): dx error 6.0e-4, "
+    "4x torch's 1.5e-4; the plain fp32 mean xf.mean() is off by several ulps (a mean shifted by the first "
+    "element fixes it); slow-fuzz blob b'AEEBQQBBA0EBQQFBA0EAQQBBAwABAEEAQQBBAA=='")
+
+
+def _marks_for(backend: str, mark) -> list:
+    return [mark] if backend == "reference" else []
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=[_GN_SMALL_GROUP]) for b in backends_for("group_norm")])
+def test_group_norm_two_element_groups_far_from_zero(backend):
+    """x = -200 + randn (fp32, N=3, C=2, one group of 2 elements each), no affine, eps 1e-5: dx within the oracle."""
+    from test_fuzz import Case, run_case
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 2, generator=gen, dtype=torch.float64) - 200.0).float()
+    case = Case(lambda x, w, b: F.group_norm(x, 1, w, b, 1e-5, None), lambda x, w, b: TF.group_norm(x, 1, w, b, 1e-5),
+                [x, None, None], ["x", "weight", "bias"], fmt=torch.contiguous_format)
+    run_case(case, backend, 0)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_marks_for(b, _REF_IN_MEAN))
+                                     for b in backends_for("instance_norm")])
+def test_instance_norm_three_elements_far_from_zero(backend):
+    """x = -200 + randn (fp32, N=C=1, L=3), input statistics, no affine or running stats: dx within the oracle."""
+    from test_fuzz import Case, run_case
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(1, 1, 3, generator=gen, dtype=torch.float64) - 200.0).float()
+    case = Case(lambda x, w, b, rm, rv: F.instance_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                lambda x, w, b, rm, rv: TF.instance_norm(x, rm, rv, w, b, True, 0.1, 1e-5),
+                [x, None, None], ["x", "weight", "bias"], buffers=[None, None], fmt=torch.contiguous_format)
+    run_case(case, backend, 0)
