@@ -188,6 +188,68 @@ inline A* acc_out(T* dst, A* buf) {
   }
 }
 
+// ---- writing acc-type vectors as the storage type ---------------------------------------------------
+
+// Stores 2 * Vectorized<A>::size() results as T (T != A: bf16 / fp16 from float), converting in registers;
+// streams when asked and dst is 32-byte aligned.
+template <typename T>
+inline void store_pair(T* dst, const Vectorized<float>& lo, const Vectorized<float>& hi, bool stream) {
+  const Vectorized<T> v = at::vec::convert_from_float<T>(lo, hi);
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream && (reinterpret_cast<std::uintptr_t>(dst) & 31) == 0) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), v);
+    return;
+  }
+#else
+  (void)stream;
+#endif
+  v.store(dst);
+}
+
+// Applies f(j, cnt) -> Vectorized<A> (the results for elements [j, j + cnt)) over [0, n) and writes them to
+// dst as T: in place when T == A, else converted two vectors at a time; streamed when asked. Loops are
+// split into full vectors and one tail so the hot loop has no per-vector bounds logic.
+template <typename T, typename A, typename F>
+inline void write_row(T* dst, int64_t n, bool stream, const F& f) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, A>) {
+    for (; j + W <= n; j += W) store_vec(f(j, W), dst + j, W, stream);
+    if (j < n) f(j, n - j).store(dst + j, n - j);
+  } else {
+    static_assert(std::is_same_v<A, float>, "reduced-precision outputs are computed in float");
+    for (; j + 2 * W <= n; j += 2 * W) store_pair(dst + j, f(j, W), f(j + W, W), stream);
+    for (; j < n; j += W) {
+      const int64_t cnt = std::min<int64_t>(W, n - j);
+      A tmp[W];
+      f(j, cnt).store(tmp, cnt);
+      for (int64_t k = 0; k < cnt; ++k) dst[j + k] = static_cast<T>(tmp[k]);
+    }
+  }
+}
+
+// dst[j] = (((a[j] - shift) - mu) * rs) * w[j] + b[j] as T, with w and / or b optional (null). `a` may alias
+// dst only when T == A.
+template <typename T, typename A>
+inline void normalize_row(const A* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
+                          bool stream) {
+  using V = Vectorized<A>;
+  const V vs(shift), vm(mu), vr(rs);
+  auto xhat = [&](int64_t j, int64_t cnt) { return ((V::loadu(a + j, cnt) - vs) - vm) * vr; };
+  if (w != nullptr && b != nullptr) {
+    write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) {
+      return at::vec::fmadd(xhat(j, cnt), V::loadu(w + j, cnt), V::loadu(b + j, cnt));
+    });
+  } else if (w != nullptr) {
+    write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) { return xhat(j, cnt) * V::loadu(w + j, cnt); });
+  } else if (b != nullptr) {
+    write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) { return xhat(j, cnt) + V::loadu(b + j, cnt); });
+  } else {
+    write_row<T, A>(dst, n, stream, xhat);
+  }
+}
+
 // Where to compute acc-type results destined for dst[0:n]: dst itself when T == A and the output is not
 // streamed, else `scratch` (at least n elements), which write_out then converts and/or streams into dst.
 template <typename T, typename A>

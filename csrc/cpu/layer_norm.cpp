@@ -20,8 +20,6 @@ template <typename T>
 void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps,
                            bool is_rms, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
   using A = acc_type<T>;
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
   const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0);
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
@@ -53,23 +51,47 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         meanp[r] = N > 0 ? st.mean() : A(NAN);
       }
       rstdp[r] = rs;
-      A* out = acc_out(yp + r * N, buf.data());
-      const V vshift(shift), vmu(mu), vrs(rs);
-      for (int64_t j = 0; j < N; j += W) {
-        const int64_t cnt = std::min<int64_t>(W, N - j);
-        V v = ((V::loadu(a + j, cnt) - vshift) - vmu) * vrs;
-        if (wp && bp) {
-          v = at::vec::fmadd(v, V::loadu(wp + j, cnt), V::loadu(bp + j, cnt));
-        } else if (wp) {
-          v = v * V::loadu(wp + j, cnt);
-        } else if (bp) {
-          v = v + V::loadu(bp + j, cnt);
-        }
-        store_vec(v, out + j, cnt, stream && std::is_same_v<T, A>);
-      }
-      if constexpr (!std::is_same_v<T, A>) from_acc_stream(out, yp + r * N, N, stream);
+      normalize_row(a, yp + r * N, N, shift, mu, rs, wp, bp, stream);
     }
     stream_fence(stream);
+  });
+}
+
+// One row of the backward: accumulates dW/dB partials into dwr / dbr (either may be null) and writes dx.
+// g = dy * w; dx = (g - xhat * mean(g * xhat) - mean(g)) * rstd (the mean(g) term is absent for RMS).
+template <bool HAS_W, typename T, typename A>
+inline void layer_norm_bwd_row(const A* ax, const A* ady, const A* w, A mu, A rs, bool is_rms, int64_t N, A* dwr,
+                               A* dbr, T* dx, bool stream) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const V vmu(mu), vrs(rs);
+  auto xhat = [&](int64_t j, int64_t cnt) { return (V::loadu(ax + j, cnt) - vmu) * vrs; };
+  auto grad = [&](int64_t j, int64_t cnt) {
+    const V d = V::loadu(ady + j, cnt);  // zero-filled past cnt, so a tail adds nothing to the sums
+    if constexpr (HAS_W) {
+      return d * V::loadu(w + j, cnt);
+    } else {
+      return d;
+    }
+  };
+  // Pass 1: the two row sums, and the dW/dB partials (loops split so the hot one has no bounds logic).
+  V s1(A(0)), s2(A(0));
+  auto pass1 = [&](int64_t j, int64_t cnt) {
+    const V xh = xhat(j, cnt), d = V::loadu(ady + j, cnt);
+    const V g = HAS_W ? grad(j, cnt) : d;
+    s1 = at::vec::fmadd(g, xh, s1);
+    s2 = s2 + g;
+    if (dwr != nullptr) at::vec::fmadd(d, xh, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
+    if (dbr != nullptr) (V::loadu(dbr + j, cnt) + d).store(dbr + j, cnt);
+  };
+  int64_t j = 0;
+  for (; j + W <= N; j += W) pass1(j, W);
+  if (j < N) pass1(j, N - j);
+  const A inv_n = A(1) / A(N);
+  const V vc1(horizontal_sum(s1) * inv_n), vc2(is_rms ? A(0) : horizontal_sum(s2) * inv_n);
+  // Pass 2 (the row is still in cache).
+  write_row<T, A>(dx, N, stream, [&](int64_t k, int64_t cnt) {
+    return (grad(k, cnt) - at::vec::fmadd(xhat(k, cnt), vc1, vc2)) * vrs;
   });
 }
 
@@ -78,8 +100,6 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
                            const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, at::Tensor& dx,
                            at::Tensor& dw_acc, at::Tensor& db_acc) {
   using A = acc_type<T>;
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
   const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0), lddy = dy.stride(0);
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy.data_ptr<T>();
@@ -88,14 +108,12 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   const A* meanp = is_rms ? nullptr : mean.data_ptr<A>();
   const A* rstdp = rstd.data_ptr<A>();
   const bool need_dw = dw_acc.defined(), need_db = db_acc.defined();
-  const bool need_partials = need_dw || need_db;
   const int64_t blocks = num_blocks(M);
   // Per-block partial sums of dy * xhat and dy, reduced in block order below.
   std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
-  const A inv_n = A(1) / A(N);
   const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> xbuf(out_scratch<T, A>(N, stream)), dybuf(std::is_same_v<T, A> ? 0 : N);
+    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const auto [r0, r1] = block_range(M, blocks, blk);
       A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
@@ -104,41 +122,17 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
         const A* ax = acc_view(xp + r * ldx, xbuf.data(), N);
         const A* ady = acc_view(dyp + r * lddy, dybuf.data(), N);
         const A mu = is_rms ? A(0) : meanp[r];
-        const A rs = rstdp[r];
-        const V vmu(mu), vrs(rs);
-        // Pass 1: the two row sums of g = dy * w against xhat and 1, and the dW/dB partials.
-        V s1(A(0)), s2(A(0));
-        for (int64_t j = 0; j < N; j += W) {
-          const int64_t cnt = std::min<int64_t>(W, N - j);
-          const V xh = (V::loadu(ax + j, cnt) - vmu) * vrs;
-          const V d = V::loadu(ady + j, cnt);  // zero-filled past cnt, so the tail adds nothing
-          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
-          s1 = at::vec::fmadd(g, xh, s1);
-          s2 = s2 + g;
-          if (need_partials) {
-            if (dwr) at::vec::fmadd(d, xh, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
-            if (dbr) (V::loadu(dbr + j, cnt) + d).store(dbr + j, cnt);
-          }
+        if (wp != nullptr) {
+          layer_norm_bwd_row<true>(ax, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, dxp + r * N, stream);
+        } else {
+          layer_norm_bwd_row<false>(ax, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, dxp + r * N, stream);
         }
-        const A c1 = horizontal_sum(s1) * inv_n;
-        const A c2 = is_rms ? A(0) : horizontal_sum(s2) * inv_n;
-        const V vc1(c1), vc2(c2);
-        // Pass 2 (row still in cache): dx = (g - xhat * c1 - c2) * rstd.
-        A* out = out_span(dxp + r * N, xbuf.data(), stream);  // may alias ax (xbuf): read before written
-        for (int64_t j = 0; j < N; j += W) {
-          const int64_t cnt = std::min<int64_t>(W, N - j);
-          const V xh = (V::loadu(ax + j, cnt) - vmu) * vrs;
-          const V d = V::loadu(ady + j, cnt);
-          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
-          ((g - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(out + j, cnt);
-        }
-        write_out(out, dxp + r * N, N, stream);
       }
     }
     stream_fence(stream);
   });
   // Deterministic second reduction: each column sums the block partials in block order.
-  if (need_partials) {
+  if (need_dw || need_db) {
     A* dwo = need_dw ? dw_acc.data_ptr<A>() : nullptr;
     A* dbo = need_db ? db_acc.data_ptr<A>() : nullptr;
     at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
