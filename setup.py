@@ -62,7 +62,11 @@ def _native_extension():
     # backend is OpenMP); without the flag the pragma is silently dropped and every kernel runs on one thread.
     # The resulting NEEDED libgomp.so.1 resolves to the copy torch has already loaded (same soname), so
     # torch.set_num_threads governs our kernels too. (-Wno-unknown-pragmas: ATen headers use `#pragma unroll`.)
-    cxx = [*opt, "-fopenmp", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"] + ([] if debug else ["-g0"])
+    # -ffp-contract=off: GCC's default (fast) fuses a*b - c into one FMA wherever it likes, e.g. g - (g' * c)
+    # where g and g' are the same rounded product: the result then carries the product's rounding error
+    # instead of cancelling exactly. Kernels ask for FMA explicitly (at::vec::fmadd) where they want it.
+    cxx = [*opt, "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx += [] if debug else ["-g0"]
     link = ["-fopenmp"]
     macros: list[tuple[str, str | None]] = []
 

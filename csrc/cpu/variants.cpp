@@ -82,8 +82,7 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
   using A = acc_type<S>;
   static_assert(std::is_same_v<acc_type<T>, A> || std::is_same_v<A, double>, "acc type of x must fit s's");
   using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0);
+    const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0);
   const int64_t ldr = res.defined() ? res.stride(0) : 0;
   const T* xp = x.data_ptr<T>();
   const S* rp = res.defined() ? res.data_ptr<S>() : nullptr;
@@ -99,20 +98,37 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
     std::vector<A> a(N), tmp(N);
     for (int64_t r = r0; r < r1; ++r) {
-      // s = dropout(x) + residual in acc precision
-      to_acc(xp + r * ldx, a.data(), N);
-      if (has_dropout) apply_dropout(a.data(), r, N, seed, threshold, scale);
-      if (rp != nullptr) {
-        const A* ra = acc_view(rp + r * ldr, tmp.data(), N);
-        for (int64_t j = 0; j < N; ++j) a[j] += ra[j];
+      bool s_done = false;
+      if constexpr (std::is_same_v<T, A> && std::is_same_v<S, A>) {
+        // Common case in one pass: s = x + residual into the L1 row buffer and into s.
+        if (!has_dropout) {
+          const T* xr = xp + r * ldx;
+          const S* rr = rp != nullptr ? rp + r * ldr : nullptr;
+          write_row<S, A>(sp + r * N, N, stream, [&](int64_t j, int64_t cnt) {
+            V v = V::loadu(xr + j, cnt);
+            if (rr != nullptr) v = v + V::loadu(rr + j, cnt);
+            v.store(a.data() + j, cnt);
+            return v;
+          });
+          s_done = true;
+        }
       }
-      // Store s, and continue from the rounded values (no-op when S is the acc type). A reduced-precision
-      // s is read back right away, so only an acc-type s is streamed.
-      if constexpr (std::is_same_v<S, A>) {
-        from_acc_stream(a.data(), sp + r * N, N, stream);
-      } else {
-        from_acc(a.data(), sp + r * N, N);
-        to_acc(sp + r * N, a.data(), N);
+      if (!s_done) {
+        // s = dropout(x) + residual in acc precision
+        to_acc(xp + r * ldx, a.data(), N);
+        if (has_dropout) apply_dropout(a.data(), r, N, seed, threshold, scale);
+        if (rp != nullptr) {
+          const A* ra = acc_view(rp + r * ldr, tmp.data(), N);
+          for (int64_t j = 0; j < N; ++j) a[j] += ra[j];
+        }
+        // Store s, and continue from the rounded values (no-op when S is the acc type). A reduced-precision
+        // s is read back right away, so only an acc-type s is streamed.
+        if constexpr (std::is_same_v<S, A>) {
+          from_acc_stream(a.data(), sp + r * N, N, stream);
+        } else {
+          from_acc(a.data(), sp + r * N, N);
+          to_acc(sp + r * N, a.data(), N);
+        }
       }
       A mu = 0, rs;
       if (is_rms) {
@@ -126,21 +142,7 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
         meanp[r] = mu;
       }
       rstdp[r] = rs;
-      const V vmu(mu), vrs(rs);
-      A* o = out_span(yp + r * N, tmp.data(), stream);
-      for (int64_t j = 0; j < N; j += W) {
-        const int64_t cnt = std::min<int64_t>(W, N - j);
-        V v = (V::loadu(a.data() + j, cnt) - vmu) * vrs;
-        if (wp && bp) {
-          v = at::vec::fmadd(v, V::loadu(wp + j, cnt), V::loadu(bp + j, cnt));
-        } else if (wp) {
-          v = v * V::loadu(wp + j, cnt);
-        } else if (bp) {
-          v = v + V::loadu(bp + j, cnt);
-        }
-        v.store(o + j, cnt);
-      }
-      write_out(o, yp + r * N, N, stream);
+      normalize_row(a.data(), yp + r * N, N, A(0), mu, rs, wp, bp, stream);
     }
     stream_fence(stream);
   });
@@ -483,15 +485,15 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v_in, const
     T* wp = w.data_ptr<T>();
     const A* gp = gc.data_ptr<A>();
     A* np = norm.data_ptr<A>();
+    using V = Vectorized<A>;
     at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
-      std::vector<A> buf(K);
+      std::vector<A> buf(std::is_same_v<T, A> ? 0 : K);
       for (int64_t r = r0; r < r1; ++r) {
-        to_acc(vp + r * K, buf.data(), K);
-        const A nrm = std::sqrt(vsum_sqdev(buf.data(), K, A(0)));
+        const A* a = acc_view(vp + r * K, buf.data(), K);
+        const A nrm = std::sqrt(vsum_sqdev(a, K, A(0)));
         np[r] = nrm;
-        const A f = gp[r] / nrm;
-        for (int64_t j = 0; j < K; ++j) buf[j] *= f;
-        from_acc(buf.data(), wp + r * K, K);
+        const V f(gp[r] / nrm);
+        write_row<T, A>(wp + r * K, K, false, [&](int64_t j, int64_t cnt) { return V::loadu(a + j, cnt) * f; });
       }
     });
   });
@@ -514,17 +516,20 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& dw_in, cons
     const A* gp = gc.data_ptr<A>();
     const A* np = nc.data_ptr<A>();
     A* dgp = dg.data_ptr<A>();
+    using V = Vectorized<A>;
     at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
-      std::vector<A> vb(K), db(K);
+      std::vector<A> vb(std::is_same_v<T, A> ? 0 : K), db(std::is_same_v<T, A> ? 0 : K);
       for (int64_t r = r0; r < r1; ++r) {
-        to_acc(vp + r * K, vb.data(), K);
-        to_acc(dwp + r * K, db.data(), K);
-        A dot = 0;
-        for (int64_t j = 0; j < K; ++j) dot += db[j] * vb[j];
+        const A* av = acc_view(vp + r * K, vb.data(), K);
+        const A* ad = acc_view(dwp + r * K, db.data(), K);
+        const A dot = vdot(ad, av, K);
         const A nrm = np[r], a = gp[r] / nrm, bcoef = a * dot / (nrm * nrm);
         dgp[r] = dot / nrm;
-        for (int64_t j = 0; j < K; ++j) db[j] = a * db[j] - bcoef * vb[j];
-        from_acc(db.data(), dvp + r * K, K);
+        const V va(a), vbc(bcoef);
+        // dv = a * dw - bcoef * v
+        write_row<T, A>(dvp + r * K, K, false, [&](int64_t j, int64_t cnt) {
+          return va * V::loadu(ad + j, cnt) - vbc * V::loadu(av + j, cnt);
+        });
       }
     });
   });
