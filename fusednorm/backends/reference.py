@@ -89,7 +89,13 @@ def layer_norm_bwd(
     acc = acc_dtype(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
     n = x.shape[1]
-    xhat = xf * rstd[:, None] if is_rms else (xf - mean[:, None]) * rstd[:, None]
+    if is_rms:
+        xhat = xf * rstd[:, None]
+    else:
+        # The saved fp32 mean carries its own rounding (half an ulp of |mean|), which matters when |mean| >> std:
+        # remove it with the row's mean of (x - mean), subtracted separately (mean + e would round again).
+        d = xf - mean[:, None]
+        xhat = (d - d.mean(dim=1, keepdim=True)) * rstd[:, None]
     g = dyf * weight.to(acc) if weight is not None else dyf
     c1 = (g * xhat).sum(dim=1, keepdim=True) / n
     if is_rms:
@@ -121,10 +127,15 @@ def group_norm_fwd(
     acc = acc_dtype(x.dtype)
     n, c = x.shape[0], x.shape[1]
     xf = x.to(acc).reshape(n, num_groups, -1)
-    mean = xf.mean(dim=2)
-    var = (xf - mean[..., None]).square().mean(dim=2)
+    # Statistics of x shifted by each group's first element (as layer_norm_fwd): a plain fp32 mean of values with
+    # |mean| >> std is off by several ulps; the shifted sum carries no large offset.
+    shift = xf[..., :1]
+    centred_mean = (xf - shift).mean(dim=2)
+    mean = centred_mean + shift[..., 0]
+    centred = (xf - shift) - centred_mean[..., None]
+    var = centred.square().mean(dim=2)
     rstd = torch.rsqrt(var + eps)
-    y = ((xf - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    y = (centred * rstd[..., None]).reshape(x.shape)
     bshape = (1, c) + (1,) * (x.dim() - 2)
     if weight is not None:
         y = y * weight.to(acc).reshape(bshape)
@@ -153,7 +164,9 @@ def group_norm_bwd(
     n, c = x.shape[0], x.shape[1]
     bshape = (1, c) + (1,) * (x.dim() - 2)
     xf = x.to(acc).reshape(n, num_groups, -1)
-    xhat = ((xf - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    # Correct for the saved mean's rounding per (n, group), as in layer_norm_bwd.
+    d = xf - mean[..., None]
+    xhat = ((d - d.mean(dim=2, keepdim=True)) * rstd[..., None]).reshape(x.shape)
     dyf = dy.to(acc)
     if activation == "silu":
         pre = xhat
