@@ -787,27 +787,28 @@ def test_module_bad_inputs_match_torch():
 
 # ==== slow-profile fuzz findings (issue 9) ==================================================================
 # Found by `pytest --slow tests/test_fuzz.py` (hypothesis 6.170.15). Each is rebuilt from the fuzz's own draws with
-# its helpers and checked on every backend. The GroupNorm/InstanceNorm kernels (fusednorm/backends/reference.py,
-# fusednorm/backends/triton/group_norm.py, csrc/) are not this suite owner's to change: strict xfails where they
-# fail, so a fix turns them into failures that ask for the mark to go.
+# its helpers and checked on every backend. Reference and Triton carry the fixes (the backward removes the saved
+# fp32 mean's rounding, the forward shifts statistics by the first element); the native kernels' backward fix lands
+# separately: strict xfails on the native param only, so that fix turns them into failures that ask for the mark
+# to go.
 
 _GN_SMALL_GROUP = pytest.mark.xfail(
-    strict=True, reason="BUG: group_norm backward (reference, Triton and native alike), groups of 2 elements near "
-    "-200 (fp32): dx error 4.3e-4, 2.7x torch's 1.6e-4 (xhat = (x - mean) * rstd carries the fp32 mean's "
+    strict=True, reason="BUG (native: being fixed): group_norm backward (reference, Triton and native alike before "
+    "the fix), groups of 2 elements near -200 (fp32): dx error 4.3e-4, 2.7x torch's 1.6e-4 (xhat = (x - mean) * "
+    "rstd carries the fp32 mean's "
     "half-ulp rounding, 7.6e-6, and dx = rstd * (g - xhat * c1 - c2) cancels to ~1e-4 with rstd ~6); slow-fuzz "
     "blob (reference) "
     "b'AEEAQQBBAUECQQNBAkEAQQBBAwBBAEEAQQA='")
-_REF_IN_MEAN = pytest.mark.xfail(
-    strict=True, reason="BUG: reference group_norm_fwd/instance_norm, N=C=1, L=3 near -200 (fp32): dx error 6.0e-4, "
-    "4x torch's 1.5e-4; the plain fp32 mean xf.mean() is off by several ulps (a mean shifted by the first "
-    "element fixes it); slow-fuzz blob b'AEEBQQBBA0EBQQFBA0EAQQBBAwABAEEAQQBBAA=='")
 
 
-def _marks_for(backend: str, mark) -> list:
-    return [mark] if backend == "reference" else []
+def _native_only(backend: str, mark) -> list:
+    """``mark`` on the native backend's param only: reference and Triton carry the fix (issue 9); the native
+    kernels' fix lands separately."""
+    return [mark] if backend == "native" else []
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[_GN_SMALL_GROUP]) for b in backends_for("group_norm")])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_native_only(b, _GN_SMALL_GROUP))
+                                     for b in backends_for("group_norm")])
 def test_group_norm_two_element_groups_far_from_zero(backend):
     """x = -200 + randn (fp32, N=3, C=2, one group of 2 elements each), no affine, eps 1e-5: dx within the oracle."""
     from test_fuzz import Case, run_case
@@ -819,8 +820,7 @@ def test_group_norm_two_element_groups_far_from_zero(backend):
     run_case(case, backend, 0)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_marks_for(b, _REF_IN_MEAN))
-                                     for b in backends_for("instance_norm")])
+@pytest.mark.parametrize("backend", backends_for("instance_norm"))
 def test_instance_norm_three_elements_far_from_zero(backend):
     """x = -200 + randn (fp32, N=C=1, L=3), input statistics, no affine or running stats: dx within the oracle."""
     from test_fuzz import Case, run_case
@@ -835,11 +835,9 @@ def test_instance_norm_three_elements_far_from_zero(backend):
 
 # Found with targeted follow-ups of the findings above (rows/groups of 2-3 elements, |mean| / spread >= 200, fp32).
 _LN_ROWS_OF_TWO = pytest.mark.xfail(
-    strict=True, reason="BUG: layer_norm backward (reference, Triton and native alike), rows of 2 elements near -200 "
-    "(fp32): dx error 1.9e-3, 4.4x torch's 4.3e-4; same mechanism as the GroupNorm groups of 2 above")
-_LN_TRITON_ROWS_OF_THREE = pytest.mark.xfail(
-    strict=True, reason="BUG: Triton layer_norm forward, rows of 3 elements = -200 + 0.01 randn (fp32): y error "
-    "3.9e-3, 5.7x torch's 6.7e-4 (reference and native pass: their row mean is correctly rounded, Triton's is not)")
+    strict=True, reason="BUG (native: being fixed): layer_norm backward (reference, Triton and native alike before "
+    "the fix), rows of 2 elements near -200 (fp32): dx error 1.9e-3, 4.4x torch's 4.3e-4; same mechanism as the "
+    "GroupNorm groups of 2 above")
 
 
 def _layer_norm_far_case(seed: int, width: int, scale: float):
@@ -851,15 +849,15 @@ def _layer_norm_far_case(seed: int, width: int, scale: float):
                 lambda x, w, b: TF.layer_norm(x, (width,), w, b, 1e-5), [x, None, None], ["x", "weight", "bias"])
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[_LN_ROWS_OF_TWO]) for b in backends_for("layer_norm")])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_native_only(b, _LN_ROWS_OF_TWO))
+                                     for b in backends_for("layer_norm")])
 def test_layer_norm_rows_of_two_far_from_zero(backend):
     from test_fuzz import run_case
 
     run_case(_layer_norm_far_case(196, 2, 1.0), backend, 196)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=[_LN_TRITON_ROWS_OF_THREE] if b == "triton" else [])
-                                     for b in backends_for("layer_norm")])
+@pytest.mark.parametrize("backend", backends_for("layer_norm"))
 def test_layer_norm_rows_of_three_far_from_zero(backend):
     from test_fuzz import run_case
 

@@ -22,6 +22,10 @@ Backward (two kernels, no atomics, every reduction in a fixed order):
    backward included) into (N*G, SPLIT) partials, and per-channel dW/dB partials into an (N*SPLIT, C) buffer in
    which each (program, channel) slot is written by exactly one program, once; the host sums that buffer.
 2. ``group_norm_bwd_dx_kernel``: merges the group sums and writes dX in one more pass.
+xhat is recomputed as ((x - mean) - e) * rstd with e = mean(x - mean) over the group: the saved fp32 mean carries
+half an ulp of |mean| of rounding, and dX cancels when |mean| >> std. Without SiLU every group sum is linear in xhat,
+so the reduce kernel also sums x - mean and the correction is applied after (no extra read); with SiLU a third
+kernel, ``group_norm_bwd_centre_kernel``, sums x - mean first (one more read of X).
 
 Statistics are fp32 (fp64 for fp64 input), of x - K with K the group's first element (the same K in every program
 of a group): a tile's sum then carries no large offset, and the forward normalizes (x - K) - mean(x - K), so the
@@ -236,9 +240,10 @@ def group_norm_apply_kernel(
 
 
 @triton.jit
-def _grad_tile(x, dy, mask, mean2, rstd2, w, bb, AFFINE: tl.constexpr, SILU: tl.constexpr):
-    """xhat and dL/d(affine output) of one tile (masked lanes zero)."""
-    xhat = tl.where(mask, (x - mean2) * rstd2, 0.0)
+def _grad_tile(x, dy, mask, mean2, e2, rstd2, w, bb, AFFINE: tl.constexpr, SILU: tl.constexpr):
+    """xhat = ((x - mean) - e) * rstd and dL/d(affine output) of one tile (masked lanes zero); ``e`` is the group's
+    mean of x - mean (the saved fp32 mean's rounding), subtracted on its own: mean + e would round again."""
+    xhat = tl.where(mask, ((x - mean2) - e2) * rstd2, 0.0)
     if SILU:
         if AFFINE:
             pre = xhat * w[:, None] + bb[:, None]
@@ -250,11 +255,55 @@ def _grad_tile(x, dy, mask, mean2, rstd2, w, bb, AFFINE: tl.constexpr, SILU: tl.
 
 
 @triton.jit
+def _group_count(cg, S, acc_ty: tl.constexpr):
+    """Elements of a group, (1,) in ``acc_ty``; an int64 product: a group may hold more than 2^31 elements (and cg,
+    S may be specialized to constexpr 1)."""
+    return ((tl.zeros([1], dtype=tl.int64) + cg) * S).to(acc_ty)
+
+
+@triton.jit
+def _sum_partials(P, ng, split, PBLOCK: tl.constexpr):
+    """Sum of the ``split`` partials of group ``ng`` in a fixed order, (1,)."""
+    acc = tl.zeros([PBLOCK], dtype=P.dtype.element_ty)
+    for p0 in range(0, split, PBLOCK):
+        p = p0 + tl.arange(0, PBLOCK)
+        acc += tl.load(P + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
+    return tl.sum(acc, axis=0) + tl.zeros([1], dtype=P.dtype.element_ty)
+
+
+@triton.jit
+def group_norm_bwd_centre_kernel(
+    X, Mean, PSumD,
+    stride_xn, stride_xo, G, cg, S, tiles_s, tiles_per_prog, num_tiles,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Per program, sum(x - mean) over its tiles into PSumD (N*G, SPLIT): the SiLU backward needs the saved mean's
+    rounding e before its first pass (g depends on xhat nonlinearly); without SiLU the reduce kernel sums it."""
+    acc_ty = PSumD.dtype.element_ty
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng - n * G
+    if CHANNELS_LAST:
+        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64)
+    else:
+        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64) * stride_xo
+    mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
+    t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
+    sum_d = tl.zeros([1], dtype=acc_ty)
+    for tc in range(tc0, tc1 + 1):
+        for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
+            c, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
+            sum_d += tl.sum(tl.sum(tl.where(mask, x - mean2, 0.0), axis=1), axis=0)
+    tl.store(PSumD + ng.to(tl.int64) * tl.num_programs(1) + tl.program_id(1) + tl.arange(0, 1), sum_d)
+
+
+@triton.jit
 def group_norm_bwd_reduce_kernel(
-    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, DWp, DBp,
+    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, PSumD, DWp, DBp,
     stride_dyn, stride_dyo, stride_xn, stride_xo, C, G, cg, S, tiles_s, tiles_per_prog, num_tiles,
     CHANNELS_LAST: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PBLOCK: tl.constexpr,
 ):
     acc_ty = Rstd.dtype.element_ty
     ng = tl.program_id(0)
@@ -263,6 +312,14 @@ def group_norm_bwd_reduce_kernel(
     g = ng - n * G
     mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
     rstd2 = tl.reshape(tl.load(Rstd + ng + tl.arange(0, 1)), (1, 1))
+    # The saved mean's rounding e = mean(x - mean) over the group. With SiLU the centre kernel has summed it (g
+    # depends on xhat nonlinearly, so e is needed now). Without SiLU everything here is linear in xhat: this pass
+    # uses xhat + e * rstd, sums x - mean alongside, and the dx kernel / host subtract e * rstd * sum(g) after.
+    if SILU:
+        e2 = tl.reshape(_sum_partials(PSumD, ng, tl.num_programs(1), PBLOCK) / _group_count(cg, S, acc_ty), (1, 1))
+    else:
+        e2 = tl.zeros([1, 1], dtype=acc_ty)
+        sum_d = tl.zeros([1], dtype=acc_ty)
     c_first = (g * cg).to(tl.int64)
     if CHANNELS_LAST:
         x_base = X + n.to(tl.int64) * stride_xn + c_first
@@ -293,7 +350,9 @@ def group_norm_bwd_reduce_kernel(
                 dy_offs = _offsets(tc, ts, stride_dyo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
             x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
             dy = tl.load(dy_base + dy_offs, mask=mask, other=0.0).to(acc_ty)
-            xhat, dy = _grad_tile(x, dy, mask, mean2, rstd2, w, bb, AFFINE, SILU)
+            xhat, dy = _grad_tile(x, dy, mask, mean2, e2, rstd2, w, bb, AFFINE, SILU)
+            if not SILU:
+                sum_d += tl.sum(tl.sum(tl.where(mask, x - mean2, 0.0), axis=1), axis=0)
             if AFFINE:
                 dw_acc += tl.sum(dy * xhat, axis=1)
                 db_acc += tl.sum(dy, axis=1)
@@ -308,11 +367,13 @@ def group_norm_bwd_reduce_kernel(
     p = ng.to(tl.int64) * tl.num_programs(1) + sp + tl.arange(0, 1)
     tl.store(PSumG + p, sum_g)
     tl.store(PSumGX + p, sum_gx)
+    if not SILU:
+        tl.store(PSumD + p, sum_d)
 
 
 @triton.jit
 def group_norm_bwd_dx_kernel(
-    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, DX,
+    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, PSumD, DX,
     stride_dyn, stride_dyo, stride_xn, stride_xo, stride_dxn, stride_dxo,
     G, cg, S, tiles_s, tiles_per_prog, num_tiles,
     CHANNELS_LAST: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
@@ -323,19 +384,20 @@ def group_norm_bwd_dx_kernel(
     n = ng // G
     g = ng - n * G
     split = tl.num_programs(1)
-    # Group sums of g and g * xhat, merged in a fixed order.
-    sum_g = tl.zeros([PBLOCK], dtype=acc_ty)
-    sum_gx = tl.zeros([PBLOCK], dtype=acc_ty)
-    for p0 in range(0, split, PBLOCK):
-        p = p0 + tl.arange(0, PBLOCK)
-        sum_g += tl.load(PSumG + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
-        sum_gx += tl.load(PSumGX + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
-    # int64 product: a group may hold more than 2^31 elements (and cg, S may be specialized to constexpr 1)
-    m = ((tl.zeros([1], dtype=tl.int64) + cg) * S).to(acc_ty)
-    c2 = tl.reshape(tl.sum(sum_g, axis=0) / m + tl.zeros([1], dtype=acc_ty), (1, 1))
-    c1 = tl.reshape(tl.sum(sum_gx, axis=0) / m + tl.zeros([1], dtype=acc_ty), (1, 1))
+    # Group sums of g, g * xhat and x - mean, merged in a fixed order.
+    m = _group_count(cg, S, acc_ty)
+    sum_g = _sum_partials(PSumG, ng, split, PBLOCK)
+    sum_gx = _sum_partials(PSumGX, ng, split, PBLOCK)
+    rstd = tl.load(Rstd + ng + tl.arange(0, 1))
+    e = _sum_partials(PSumD, ng, split, PBLOCK) / m
+    if not SILU:
+        # The reduce pass summed g * (xhat + e * rstd) (see there): take out e * rstd * sum(g).
+        sum_gx = sum_gx - (e * rstd) * sum_g
+    c2 = tl.reshape(sum_g / m, (1, 1))
+    c1 = tl.reshape(sum_gx / m, (1, 1))
+    e2 = tl.reshape(e, (1, 1))
     mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
-    rstd2 = tl.reshape(tl.load(Rstd + ng + tl.arange(0, 1)), (1, 1))
+    rstd2 = tl.reshape(rstd, (1, 1))
     c_first = (g * cg).to(tl.int64)
     if CHANNELS_LAST:
         x_base = X + n.to(tl.int64) * stride_xn + c_first
@@ -366,7 +428,7 @@ def group_norm_bwd_dx_kernel(
                 dx_offs = _offsets(tc, ts, stride_dxo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
             x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
             dy = tl.load(dy_base + dy_offs, mask=mask, other=0.0).to(acc_ty)
-            xhat, dy = _grad_tile(x, dy, mask, mean2, rstd2, w, bb, AFFINE, SILU)
+            xhat, dy = _grad_tile(x, dy, mask, mean2, e2, rstd2, w, bb, AFFINE, SILU)
             if AFFINE:
                 gg = dy * w[:, None]
             else:
@@ -574,28 +636,45 @@ def group_norm_bwd(
     ng = geo.n * geo.g
     w, b = _affine_params(weight, bias)
     affine = w is not None
-    psum_g, psum_gx = (torch.empty((ng, geo.split), dtype=acc, device=dev) for _ in range(2))
+    psum_g, psum_gx, psum_d = (torch.empty((ng, geo.split), dtype=acc, device=dev) for _ in range(3))
+    silu = activation == "silu"
     # Slots of channels a program does not cover stay zero, so these start at zero.
     dwp = torch.zeros((geo.n * geo.split, geo.c), dtype=acc, device=dev) if affine else None
     dbp = torch.zeros((geo.n * geo.split, geo.c), dtype=acc, device=dev) if affine else None
     dx = geo.empty_like(x)
     _, (sxdn, sxdo) = geo.canonical(dx)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    flags = {"CHANNELS_LAST": geo.channels_last, "AFFINE": affine, "SILU": activation == "silu"}
+    flags = {"CHANNELS_LAST": geo.channels_last, "AFFINE": affine, "SILU": silu}
     with _device_ctx(x):
+        if silu:
+            # e = mean(x - mean) first: the SiLU backward is not linear in xhat (see the reduce kernel).
+            group_norm_bwd_centre_kernel[geo.grid](
+                x, mean, psum_d, sxn, sxo, *geo.common_args(),
+                CHANNELS_LAST=geo.channels_last, **geo.cfg, num_warps=NUM_WARPS,
+            )
         group_norm_bwd_reduce_kernel[geo.grid](
-            dy, x, w, b, mean, rstd, psum_g, psum_gx, dwp, dbp,
+            dy, x, w, b, mean, rstd, psum_g, psum_gx, psum_d, dwp, dbp,
             sdn, sdo, sxn, sxo, geo.c, *geo.common_args(),
-            **flags, **geo.cfg,
+            **flags, PBLOCK=PARTIAL_BLOCK, **geo.cfg,
             num_warps=group_norm_num_warps("bwd_reduce", geo.channels_last, geo.cfg["BLOCK_C"], acc == torch.float64),
         )
         group_norm_bwd_dx_kernel[geo.grid](
-            dy, x, w, b, mean, rstd, psum_g, psum_gx, dx,
+            dy, x, w, b, mean, rstd, psum_g, psum_gx, psum_d, dx,
             sdn, sdo, sxn, sxo, sxdn, sxdo, *geo.common_args(),
             **flags, PBLOCK=PARTIAL_BLOCK, **geo.cfg, num_warps=NUM_WARPS,
         )
-    dw = dwp.sum(dim=0).to(weight.dtype) if weight is not None else None
-    db = dbp.sum(dim=0).to(bias.dtype) if bias is not None else None
+    if affine and not silu:
+        # The reduce pass summed dy * (xhat + e * rstd) (see there): per sample, take out e * rstd * sum(dy) of
+        # each channel's group. Sums in a fixed order (deterministic); (N, SPLIT, C) -> (N, C) -> (C,).
+        de = (psum_d.sum(dim=1) / (geo.cg * geo.s) * rstd.reshape(-1)).reshape(geo.n, geo.g)
+        dw_n = dwp.reshape(geo.n, geo.split, geo.c).sum(dim=1)
+        db_n = dbp.reshape(geo.n, geo.split, geo.c).sum(dim=1)
+        dw_all = (dw_n - de.repeat_interleave(geo.cg, dim=1) * db_n).sum(dim=0)
+        db_all = db_n.sum(dim=0)
+    elif affine:
+        dw_all, db_all = dwp.sum(dim=0), dbp.sum(dim=0)
+    dw = dw_all.to(weight.dtype) if weight is not None else None
+    db = db_all.to(bias.dtype) if bias is not None else None
     return dx, dw, db
 
 
@@ -611,7 +690,8 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
     out = []
 
     kinds = {group_norm_stats_kernel: "stats", group_norm_apply_kernel: "apply",
-             group_norm_bwd_reduce_kernel: "bwd_reduce", group_norm_bwd_dx_kernel: "bwd_dx"}
+             group_norm_bwd_centre_kernel: "bwd_centre", group_norm_bwd_reduce_kernel: "bwd_reduce",
+             group_norm_bwd_dx_kernel: "bwd_dx"}
 
     def add(kernel, tag, sig, consts):
         warps = group_norm_num_warps(kinds[kernel], consts["CHANNELS_LAST"], consts["BLOCK_C"], "fp64" in tag)
@@ -627,6 +707,8 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
             sig = {"X": f"*{xd}", "PCount": f"*{ad}", "PMean": f"*{ad}", "PM2": f"*{ad}",
                    "stride_xn": "i64", "stride_xo": "i64", **geo}
             add(group_norm_stats_kernel, tag, sig, dict(tile))
+            sig = {"X": f"*{xd}", "Mean": f"*{ad}", "PSumD": f"*{ad}", "stride_xn": "i64", "stride_xo": "i64", **geo}
+            add(group_norm_bwd_centre_kernel, tag, sig, dict(tile))
             for affine in (False, True):
                 for silu in (False, True):
                     flags = {**tile, "AFFINE": affine, "SILU": silu}
@@ -639,13 +721,13 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
                     add(group_norm_apply_kernel, ftag, sig, {**flags, "PBLOCK": PARTIAL_BLOCK})
                     sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
                            "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
-                           "DWp": f"*{ad}", "DBp": f"*{ad}",
+                           "PSumD": f"*{ad}", "DWp": f"*{ad}", "DBp": f"*{ad}",
                            "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
                            "C": "i32", **geo}
-                    add(group_norm_bwd_reduce_kernel, ftag, sig, dict(flags))
+                    add(group_norm_bwd_reduce_kernel, ftag, sig, {**flags, "PBLOCK": PARTIAL_BLOCK})
                     sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
                            "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
-                           "DX": f"*{xd}",
+                           "PSumD": f"*{ad}", "DX": f"*{xd}",
                            "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
                            "stride_dxn": "i64", "stride_dxo": "i64", **geo}
                     add(group_norm_bwd_dx_kernel, ftag, sig, {**flags, "PBLOCK": PARTIAL_BLOCK})

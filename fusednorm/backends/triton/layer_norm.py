@@ -3,12 +3,15 @@
 Forward, ``row_norm_fwd_kernel``: each program owns ``ROWS_PER_PROGRAM`` rows.
 - Single-tile path (N <= max_single_tile(dtype)): the row lives in registers; one read of X, exact two-step
   statistics, fused affine, one write of Y.
+- LayerNorm statistics are those of x - K with K the row's first element (mean = K + mean(x - K), y from
+  (x - K) - mean(x - K)): with |mean| >> std a plain fp32 row sum rounds the mean by several ulps.
 - Chunked path (any larger N): a Welford pass over BLOCK_N-wide chunks merged with Chan's formula, then a
   normalize pass. X is read twice; nothing is limited to N <= 64K.
 
 Backward, ``row_norm_bwd_kernel``: a persistent grid (about SM count x k programs). Each program walks its
-rows, writes dX, and keeps its share of dW/dB in fp32; the per-program partials (programs, N) are summed by a
-second, deterministic reduction (no atomics).
+rows, writes dX, and keeps its share of dW/dB in fp32; xhat is recomputed as ((x - mean) - e) * rstd with
+e = mean(x - mean), which removes the saved fp32 mean's rounding (dX cancels when |mean| >> std). The
+per-program partials (programs, N) are summed by a second, deterministic reduction (no atomics).
 
 Config choice depends on N and dtype only (never on M), so a new batch size never recompiles; M, strides and
 eps are runtime arguments (eps as fp32).
@@ -23,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fusednorm.backends.triton.welford import row_stats, welford_merge
+from fusednorm.backends.triton.welford import row_shift, row_stats, welford_merge
 
 # Largest row kept entirely in registers (elements). Above it the chunked path runs. Backward keeps five
 # row-sized arrays live (x, dy, w, dW and dB partials), so its limit is half the forward's: 16 warps x 32
@@ -58,10 +61,12 @@ def row_norm_fwd_kernel(
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
             xhat = x * rstd[:, None]
         else:
-            mean, m2 = row_stats(x, mask, N.to(acc_ty))
+            shift = row_shift(x_rows, row_mask).to(acc_ty)
+            xs = x - shift[:, None]
+            mean_s, m2 = row_stats(xs, mask, N.to(acc_ty))
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
-            xhat = (x - mean[:, None]) * rstd[:, None]
-            tl.store(Mean + rows, mean, mask=row_mask)
+            xhat = (xs - mean_s[:, None]) * rstd[:, None]
+            tl.store(Mean + rows, shift + mean_s, mask=row_mask)
         tl.store(Rstd + rows, rstd, mask=row_mask)
         y = xhat
         if HAS_WEIGHT:
@@ -75,6 +80,8 @@ def row_norm_fwd_kernel(
         mean = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
         m2 = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
         sum_sq = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
+        if not IS_RMS:
+            shift = row_shift(x_rows, row_mask).to(acc_ty)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
@@ -83,13 +90,13 @@ def row_norm_fwd_kernel(
                 sum_sq += x * x
             else:
                 chunk_count = tl.minimum(N - start, BLOCK_N).to(acc_ty)
-                chunk_mean, chunk_m2 = row_stats(x, mask, chunk_count)
+                chunk_mean, chunk_m2 = row_stats(x - shift[:, None], mask, chunk_count)
                 count, mean, m2 = welford_merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
         if IS_RMS:
             rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=1) / N + eps)
         else:
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
-            tl.store(Mean + rows, mean, mask=row_mask)
+            tl.store(Mean + rows, shift + mean, mask=row_mask)  # ``mean`` is the shifted mean
         tl.store(Rstd + rows, rstd, mask=row_mask)
         # Pass 2: normalize.
         for start in range(0, N, BLOCK_N):
@@ -99,7 +106,7 @@ def row_norm_fwd_kernel(
             if IS_RMS:
                 y = x * rstd[:, None]
             else:
-                y = (x - mean[:, None]) * rstd[:, None]
+                y = ((x - shift[:, None]) - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
                 y = y * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]
             if HAS_BIAS:
@@ -143,7 +150,11 @@ def row_norm_bwd_kernel(
             if IS_RMS:
                 xhat = x * rstd[:, None]
             else:
-                xhat = (x - mean[:, None]) * rstd[:, None]
+                # Remove the saved fp32 mean's rounding: e = mean(x - mean), subtracted on its own (not mean + e,
+                # which would round again). It matters when |mean| >> std, where dx cancels.
+                d = tl.where(mask, x - mean[:, None], 0.0)
+                e = tl.sum(d, axis=1) / N
+                xhat = (d - e[:, None]) * rstd[:, None]
             xhat = tl.where(mask, xhat, 0.0)
             if HAS_WEIGHT:
                 g = dy * w[None, :]
@@ -160,9 +171,13 @@ def row_norm_bwd_kernel(
                 dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             tl.store(dx_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         else:
-            # Pass 1: the two row reductions c1 = mean(g * xhat), c2 = mean(g).
+            # Pass 1: the two row reductions c1 = mean(g * xhat), c2 = mean(g), and e = mean(x - mean), the saved
+            # fp32 mean's rounding. xhat here still carries it (xhat - e * rstd is the corrected one); c1 is
+            # linear in xhat, so it is corrected afterwards: sum(g * xhat) - e * rstd * sum(g).
             sum_gx = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
             sum_g = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
+            if not IS_RMS:
+                sum_d = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c[None, :] < N)
@@ -171,13 +186,20 @@ def row_norm_bwd_kernel(
                 if IS_RMS:
                     xhat = x * rstd[:, None]
                 else:
-                    xhat = (x - mean[:, None]) * rstd[:, None]
+                    d = tl.where(mask, x - mean[:, None], 0.0)
+                    sum_d += d
+                    xhat = d * rstd[:, None]
                 if HAS_WEIGHT:
                     dy = dy * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]
                 sum_gx += dy * xhat
                 sum_g += dy
-            c1 = tl.sum(sum_gx, axis=1) / N
-            c2 = tl.sum(sum_g, axis=1) / N
+            sg = tl.sum(sum_g, axis=1)
+            c2 = sg / N
+            if IS_RMS:
+                c1 = tl.sum(sum_gx, axis=1) / N
+            else:
+                e = tl.sum(sum_d, axis=1) / N
+                c1 = (tl.sum(sum_gx, axis=1) - (e * rstd) * sg) / N
             # Pass 2: dX, and this program's dW/dB partials (a row only it touches: no atomics needed).
             for start in range(0, N, BLOCK_N):
                 c = start + cols
@@ -187,7 +209,7 @@ def row_norm_bwd_kernel(
                 if IS_RMS:
                     xhat = x * rstd[:, None]
                 else:
-                    xhat = (x - mean[:, None]) * rstd[:, None]
+                    xhat = ((x - mean[:, None]) - e[:, None]) * rstd[:, None]
                 xhat = tl.where(mask, xhat, 0.0)
                 if HAS_WEIGHT:
                     g = dy * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]

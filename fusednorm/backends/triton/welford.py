@@ -40,3 +40,14 @@ def row_stats(x, mask, count):
     mean = tl.sum(tl.where(mask, x, 0.0), axis=1) / tl.maximum(count, 1.0)
     centred = tl.where(mask, x - mean[:, None], 0.0)
     return mean, tl.sum(centred * centred, axis=1)
+
+
+@triton.jit
+def row_shift(x_rows, row_mask):
+    """The first element of each row (R,), in x's dtype (0 for masked rows): the shift K of shifted statistics.
+
+    Statistics of x - K (mean = K + mean(x - K), M2 from (x - K) - mean(x - K)) carry no large offset, so with
+    |mean| >> std the mean is not limited by an fp32 sum of large values. ``x_rows`` points at each row's start
+    (R, 1); the element is in the same cache line as the row's first load, so the data is still read once.
+    """
+    return tl.sum(tl.load(x_rows, mask=row_mask[:, None], other=0.0), axis=1)
