@@ -144,8 +144,8 @@ void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layo
     const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
     const int64_t tasks = N * nblk;
     std::vector<A> p1(tasks * C), p2(tasks * C);
-    nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(),
-                            [&](int64_t, const A* ax, const A* ady, A* s1, A* s2) {
+    nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(), nullptr,
+                            [&](int64_t, const A* ax, const A* ady, A* s1, A* s2, A*) {
                               for (int64_t j = 0; j < C; j += W) {
                                 const int64_t k = std::min<int64_t>(W, C - j);
                                 const V d = V::loadu(ady + j, k);

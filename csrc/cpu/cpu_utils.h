@@ -380,24 +380,28 @@ inline A vsum_shifted(const A* p, int64_t n, A k) {
   return s;
 }
 
-// sum(((p - k) - d)^2)
+// sum(((p - k) - d)^2). Four independent accumulators: the chunk is in L1, so this pass is bound by the
+// FMA latency chain, not by memory.
 template <typename A>
 inline A vsum_sqdev2(const A* p, int64_t n, A k, A d) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V vk(k), vd(d);
-  V a0(A(0)), a1(A(0));
+  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
-  for (; i + 2 * W <= n; i += 2 * W) {
+  for (; i + 4 * W <= n; i += 4 * W) {
     const V d0 = (V::loadu(p + i) - vk) - vd, d1 = (V::loadu(p + i + W) - vk) - vd;
+    const V d2 = (V::loadu(p + i + 2 * W) - vk) - vd, d3 = (V::loadu(p + i + 3 * W) - vk) - vd;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
   }
   for (; i + W <= n; i += W) {
     const V d0 = (V::loadu(p + i) - vk) - vd;
     a0 = at::vec::fmadd(d0, d0, a0);
   }
-  A s = horizontal_sum(a0 + a1);
+  A s = horizontal_sum((a0 + a1) + (a2 + a3));
   for (; i < n; ++i) s += ((p[i] - k) - d) * ((p[i] - k) - d);
   return s;
 }

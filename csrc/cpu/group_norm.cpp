@@ -130,11 +130,11 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
         const int64_t n = i / G, g = i % G;
         const A mu = meanp[i], rs = rstdp[i];
         const V vmu(mu), vrs(rs);
-        A t1 = 0, t2 = 0;
-        // Pass 1: per-channel sums, and the group sums of g = de * w.
+        // Pass 1: per-channel sums of de and de * xhat, and the group's sum of x - mean.
+        A s3 = 0;
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const V vw(wc(c)), vb(bc(c));
-          V a1(A(0)), a2(A(0));
+          V a1(A(0)), a2(A(0)), a3(A(0));
           for (int64_t off = 0; off < HW; off += kChunk) {
             const int64_t len = std::min(kChunk, HW - off);
             const int64_t pos = (n * C + c) * HW + off;
@@ -142,20 +142,30 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
             const A* ady = acc_view(dyp + pos, bdy.data(), len);
             for (int64_t j = 0; j < len; j += W) {
               const int64_t k = std::min<int64_t>(W, len - j);
-              const V xh = (V::loadu(ax + j, k) - vmu) * vrs;
+              const V xc = V::set(V(A(0)), V::loadu(ax + j, k) - vmu, k);  // zero past k
+              const V xh = xc * vrs;
               V de = V::loadu(ady + j, k);  // zero past k: the tail adds nothing
               if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
               a1 = a1 + de;
               a2 = at::vec::fmadd(de, xh, a2);
+              a3 = a3 + xc;
             }
           }
-          const A s1 = horizontal_sum(a1), s2 = horizontal_sum(a2);
-          sdy[n * C + c] = s1;
-          sdyxh[n * C + c] = s2;
-          t1 += wc(c) * s2;
-          t2 += wc(c) * s1;
+          sdy[n * C + c] = horizontal_sum(a1);
+          sdyxh[n * C + c] = horizontal_sum(a2);
+          s3 += horizontal_sum(a3);
         }
-        const V vc1(t1 / A(m)), vc2(t2 / A(m));
+        // The saved mean is rounded: e = mean(x - mean) is its error, measured on the data. Using
+        // xhat = ((x - mean) - e) * rstd keeps dx from cancelling when |mean| >> spread; the sums above
+        // are corrected algebraically: sum(de * xhat') = sum(de * xhat) - e * rstd * sum(de).
+        const A e = m > 0 ? s3 / A(m) : A(0);
+        A t1 = 0, t2 = 0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          sdyxh[n * C + c] -= e * rs * sdy[n * C + c];
+          t1 += wc(c) * sdyxh[n * C + c];
+          t2 += wc(c) * sdy[n * C + c];
+        }
+        const V vc1(t1 / A(m)), vc2(t2 / A(m)), ve(e);
         // Pass 2 (the group is still in L2): dx = (de * w - xhat * c1 - c2) * rstd.
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const V vw(wc(c)), vb(bc(c));
@@ -167,7 +177,7 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
             A* o = out_span(dxp + pos, bx.data(), stream);  // may alias ax (bx): read before written
             for (int64_t j = 0; j < len; j += W) {
               const int64_t k = std::min<int64_t>(W, len - j);
-              const V xh = (V::loadu(ax + j, k) - vmu) * vrs;
+              const V xh = ((V::loadu(ax + j, k) - vmu) - ve) * vrs;
               V de = V::loadu(ady + j, k);
               if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
               ((de * vw - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(o + j, k);
@@ -192,14 +202,15 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
       bv[c] = bc(c);
     }
     const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
-    std::vector<A> p1(N * nblk * C), p2(N * nblk * C);
-    nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(),
-                            [&](int64_t row, const A* ax, const A* ady, A* s1, A* s2) {
+    std::vector<A> p1(N * nblk * C), p2(N * nblk * C), p3(N * nblk * C);
+    nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(), p3.data(),
+                            [&](int64_t row, const A* ax, const A* ady, A* s1, A* s2, A* s3) {
                               const int64_t q = (row / HW) * C;
                               for (int64_t j = 0; j < C; j += W) {
                                 const int64_t k = std::min<int64_t>(W, C - j);
-                                const V xh = (V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k)) *
-                                             V::loadu(crs.data() + q + j, k);
+                                const V xc = V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k);
+                                (V::loadu(s3 + j, k) + xc).store(s3 + j, k);
+                                const V xh = xc * V::loadu(crs.data() + q + j, k);
                                 V de = V::loadu(ady + j, k);
                                 if (silu) {
                                   de = de * vsilu_grad(at::vec::fmadd(xh, V::loadu(wv.data() + j, k),
@@ -209,15 +220,29 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
                                 at::vec::fmadd(de, xh, V::loadu(s2 + j, k)).store(s2 + j, k);
                               }
                             });
+    // Mean-rounding correction per (n, group) (see ce below), applied to the sums algebraically:
+    // sum(de * xhat_corrected) = sum(de * xhat) - e * rstd * sum(de).
+    std::vector<A> ce(N * C);
     for (int64_t n = 0; n < N; ++n) {
+      std::vector<A> t3(C);
       for (int64_t c = 0; c < C; ++c) {
         A t1 = 0, t2 = 0;
         for (int64_t blk = 0; blk < nblk; ++blk) {
           t1 += p1[(n * nblk + blk) * C + c];
           t2 += p2[(n * nblk + blk) * C + c];
+          t3[c] += p3[(n * nblk + blk) * C + c];
         }
         sdy[n * C + c] = t1;
         sdyxh[n * C + c] = t2;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        A e = 0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) e += t3[c];
+        e = m > 0 ? e / A(m) : A(0);
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          ce[n * C + c] = e;
+          sdyxh[n * C + c] -= e * crs[n * C + c] * sdy[n * C + c];
+        }
       }
       for (int64_t g = 0; g < G; ++g) {
         A t1 = 0, t2 = 0;
@@ -236,7 +261,7 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
       for (int64_t j = 0; j < C; j += W) {
         const int64_t k = std::min<int64_t>(W, C - j);
         const V vrs = V::loadu(crs.data() + q + j, k);
-        const V xh = (V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k)) * vrs;
+        const V xh = ((V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k)) - V::loadu(ce.data() + q + j, k)) * vrs;
         const V vw = V::loadu(wv.data() + j, k);
         V de = V::loadu(ady + j, k);
         if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, V::loadu(bv.data() + j, k)));

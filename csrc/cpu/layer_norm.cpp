@@ -64,8 +64,12 @@ inline void layer_norm_bwd_row(const A* ax, const A* ady, const A* w, A mu, A rs
                                A* dbr, T* dx, bool stream) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
-  const V vmu(mu), vrs(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) { return (V::loadu(ax + j, cnt) - vmu) * vrs; };
+  // The saved mean is rounded to A: when |mean| >> spread its rounding error is not small against x - mean,
+  // and dx = rstd * (g - xhat * c1 - c2) cancels. e = mean(x - mean) is that error, measured on the data
+  // (the row is in cache); xhat = ((x - mean) - e) * rstd removes it (never mean + e, which rounds again).
+  const A e = is_rms ? A(0) : vsum_shifted(ax, N, mu) / A(N);
+  const V vmu(mu), ve(e), vrs(rs);
+  auto xhat = [&](int64_t j, int64_t cnt) { return ((V::loadu(ax + j, cnt) - vmu) - ve) * vrs; };
   auto grad = [&](int64_t j, int64_t cnt) {
     const V d = V::loadu(ady + j, cnt);  // zero-filled past cnt, so a tail adds nothing to the sums
     if constexpr (HAS_W) {

@@ -130,11 +130,11 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
 }
 
 // Per-channel sums over the rows of an NHWC tensor, one partial per (sample, block) task:
-// acc(row, const A* x, const A* dy, A* s1, A* s2) adds one row's contributions into s1/s2 (length C).
-// Partials p1/p2 are [N * nblk][C].
+// acc(row, const A* x, const A* dy, A* s1, A* s2, A* s3) adds one row's contributions into s1/s2/s3 (length
+// C; s3 is null when p3 is). Partials p1/p2/p3 are [N * nblk][C].
 template <typename T, typename A, typename Acc>
 void nhwc_channel_sums(const T* x, const T* dy, int64_t N, int64_t HW, int64_t C, int64_t nblk, A* p1,
-                       A* p2, const Acc& acc) {
+                       A* p2, A* p3, const Acc& acc) {
   const int64_t R = nhwc_rows_per_chunk(C);
   at::parallel_for(0, N * nblk, 1, [&](int64_t t0, int64_t t1) {
     std::vector<A> bx(std::is_same_v<T, A> ? 0 : R * C), bdy(std::is_same_v<T, A> ? 0 : R * C);
@@ -143,14 +143,16 @@ void nhwc_channel_sums(const T* x, const T* dy, int64_t N, int64_t HW, int64_t C
       const auto [h0, h1] = block_range(HW, nblk, blk);
       A* s1 = p1 + t * C;
       A* s2 = p2 + t * C;
+      A* s3 = p3 != nullptr ? p3 + t * C : nullptr;
       std::fill(s1, s1 + C, A(0));
       std::fill(s2, s2 + C, A(0));
+      if (s3 != nullptr) std::fill(s3, s3 + C, A(0));
       for (int64_t c0 = h0; c0 < h1; c0 += R) {
         const int64_t rows = std::min(h1, c0 + R) - c0;
         const int64_t base = (n * HW + c0) * C;
         const A* ax = acc_view(x + base, bx.data(), rows * C);
         const A* ady = acc_view(dy + base, bdy.data(), rows * C);
-        for (int64_t r = 0; r < rows; ++r) acc(n * HW + c0 + r, ax + r * C, ady + r * C, s1, s2);
+        for (int64_t r = 0; r < rows; ++r) acc(n * HW + c0 + r, ax + r * C, ady + r * C, s1, s2, s3);
       }
     }
   });
