@@ -27,6 +27,7 @@ template <typename T>
 void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, const at::Tensor& b, int64_t G,
                    double eps, bool silu, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
   using A = acc_type<T>;
+  using V = Vectorized<A>;
   const NCShape shp = nc_shape(x);
   const int64_t N = shp.N, C = shp.C, HW = shp.HW, D = C / G;
   const T* xp = x.data_ptr<T>();
@@ -38,12 +39,17 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
   const int64_t m = D * HW;  // elements per group
   if (layout == Layout::kNCHW) {
     const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
+    // A reduced-precision group that fits in L2 as floats is converted once (for the statistics) and
+    // normalized from that copy, instead of being converted again in the second pass.
+    constexpr int64_t kGroupCacheElems = 64 * 1024;  // 256 KiB of float
+    const bool cache_group = !std::is_same_v<T, A> && m <= kGroupCacheElems;
     at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<A> buf(kChunk);
+      std::vector<A> buf(cache_group ? m : kChunk);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n = i / G, g = i % G;
         const int64_t base = (n * C + g * D) * HW;
-        const auto st = stats_contig(xp + base, m, buf.data());
+        if (cache_group) to_acc(xp + base, buf.data(), m);
+        const auto st = cache_group ? stats_acc(buf.data(), m) : stats_contig(xp + base, m, buf.data());
         const A rs = A(1) / std::sqrt(st.w.m2 / A(m) + A(eps));
         meanp[i] = m > 0 ? st.mean() : A(NAN);
         rstdp[i] = rs;
@@ -54,10 +60,18 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
           for (int64_t off = 0; off < HW; off += kChunk) {
             const int64_t len = std::min(kChunk, HW - off);
             const int64_t pos = base + cc * HW + off;
-            const A* a = acc_view(xp + pos, buf.data(), len);
-            A* o = out_span(yp + pos, buf.data(), stream);  // may alias a (buf): read before written
-            affine_span(a, o, len, st.shift, st.w.mean, scale, shift, silu);
-            write_out(o, yp + pos, len, stream);
+            const A* a = cache_group ? buf.data() + (pos - base) : acc_view(xp + pos, buf.data(), len);
+            // y = act(((x - k) - mu) * scale + shift), converted to T in registers.
+            const V vk(st.shift), vmu(st.w.mean), vsc(scale), vsh(shift);
+            if (silu) {
+              write_row<T, A>(yp + pos, len, stream, [&](int64_t j, int64_t cnt) {
+                return vsilu(at::vec::fmadd((V::loadu(a + j, cnt) - vk) - vmu, vsc, vsh));
+              });
+            } else {
+              write_row<T, A>(yp + pos, len, stream, [&](int64_t j, int64_t cnt) {
+                return at::vec::fmadd((V::loadu(a + j, cnt) - vk) - vmu, vsc, vsh);
+              });
+            }
           }
         }
       }
