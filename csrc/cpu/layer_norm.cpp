@@ -57,48 +57,6 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
   });
 }
 
-// One row of the backward: accumulates dW/dB partials into dwr / dbr (either may be null) and writes dx.
-// g = dy * w; dx = (g - xhat * mean(g * xhat) - mean(g)) * rstd (the mean(g) term is absent for RMS).
-template <bool HAS_W, typename T, typename A>
-inline void layer_norm_bwd_row(const A* ax, const A* ady, const A* w, A mu, A rs, bool is_rms, int64_t N, A* dwr,
-                               A* dbr, T* dx, bool stream) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  // The saved mean is rounded to A: when |mean| >> spread its rounding error is not small against x - mean,
-  // and dx = rstd * (g - xhat * c1 - c2) cancels. e = mean(x - mean) is that error, measured on the data
-  // (the row is in cache); xhat = ((x - mean) - e) * rstd removes it (never mean + e, which rounds again).
-  const A e = is_rms ? A(0) : vsum_shifted(ax, N, mu) / A(N);
-  const V vmu(mu), ve(e), vrs(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) { return ((V::loadu(ax + j, cnt) - vmu) - ve) * vrs; };
-  auto grad = [&](int64_t j, int64_t cnt) {
-    const V d = V::loadu(ady + j, cnt);  // zero-filled past cnt, so a tail adds nothing to the sums
-    if constexpr (HAS_W) {
-      return d * V::loadu(w + j, cnt);
-    } else {
-      return d;
-    }
-  };
-  // Pass 1: the two row sums, and the dW/dB partials (loops split so the hot one has no bounds logic).
-  V s1(A(0)), s2(A(0));
-  auto pass1 = [&](int64_t j, int64_t cnt) {
-    const V xh = xhat(j, cnt), d = V::loadu(ady + j, cnt);
-    const V g = HAS_W ? grad(j, cnt) : d;
-    s1 = at::vec::fmadd(g, xh, s1);
-    s2 = s2 + g;
-    if (dwr != nullptr) at::vec::fmadd(d, xh, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
-    if (dbr != nullptr) (V::loadu(dbr + j, cnt) + d).store(dbr + j, cnt);
-  };
-  int64_t j = 0;
-  for (; j + W <= N; j += W) pass1(j, W);
-  if (j < N) pass1(j, N - j);
-  const A inv_n = A(1) / A(N);
-  const V vc1(horizontal_sum(s1) * inv_n), vc2(is_rms ? A(0) : horizontal_sum(s2) * inv_n);
-  // Pass 2 (the row is still in cache).
-  write_row<T, A>(dx, N, stream, [&](int64_t k, int64_t cnt) {
-    return (grad(k, cnt) - at::vec::fmadd(xhat(k, cnt), vc1, vc2)) * vrs;
-  });
-}
-
 template <typename T>
 void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, bool has_b,
                            const at::Tensor& mean, const at::Tensor& rstd, bool is_rms, at::Tensor& dx,

@@ -156,8 +156,6 @@ void add_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& ds, const at::T
                          double drop_scale, uint32_t seed, uint32_t threshold, at::Tensor& dx, at::Tensor& dres,
                          at::Tensor& dw_acc, at::Tensor& db_acc) {
   using A = acc_type<S>;
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
   const int64_t M = s.size(0), N = s.size(1);
   const int64_t lddy = dy.stride(0), ldds = ds.defined() ? ds.stride(0) : 0;
   const T* dyp = dy.data_ptr<T>();
@@ -171,7 +169,7 @@ void add_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& ds, const at::T
   const bool need_dw = dw_acc.defined(), need_db = db_acc.defined() && has_b;
   const int64_t blocks = num_blocks(M);
   std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
-  const A inv_n = A(1) / A(N), scale = A(drop_scale);
+  const A scale = A(drop_scale);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<A> sbuf(N), dybuf(N), out(N);
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -180,31 +178,12 @@ void add_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& ds, const at::T
       A* dbr = need_db ? pdb.data() + blk * N : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
         const A* as = acc_view(sp + r * N, sbuf.data(), N);
-        to_acc(dyp + r * lddy, dybuf.data(), N);
-        const A* ady = dybuf.data();
+        const A* ady = acc_view(dyp + r * lddy, dybuf.data(), N);
         const A mu = is_rms ? A(0) : meanp[r];
-        const A rs = rstdp[r];
-        const V vmu(mu), vrs(rs);
-        V s1(A(0)), s2(A(0));
-        for (int64_t j = 0; j < N; j += W) {
-          const int64_t cnt = std::min<int64_t>(W, N - j);
-          const V xh = (V::loadu(as + j, cnt) - vmu) * vrs;
-          const V d = V::loadu(ady + j, cnt);
-          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
-          s1 = at::vec::fmadd(g, xh, s1);
-          s2 = s2 + g;
-          if (dwr) at::vec::fmadd(d, xh, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
-          if (dbr) (V::loadu(dbr + j, cnt) + d).store(dbr + j, cnt);
-        }
-        const A c1 = horizontal_sum(s1) * inv_n;
-        const A c2 = is_rms ? A(0) : horizontal_sum(s2) * inv_n;
-        const V vc1(c1), vc2(c2);
-        for (int64_t j = 0; j < N; j += W) {
-          const int64_t cnt = std::min<int64_t>(W, N - j);
-          const V xh = (V::loadu(as + j, cnt) - vmu) * vrs;
-          const V d = V::loadu(ady + j, cnt);
-          const V g = wp ? d * V::loadu(wp + j, cnt) : d;
-          ((g - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(out.data() + j, cnt);
+        if (wp != nullptr) {
+          layer_norm_bwd_row<true>(as, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, out.data(), false);
+        } else {
+          layer_norm_bwd_row<false>(as, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, out.data(), false);
         }
         if (dsp != nullptr) {
           const A* ads = acc_view(dsp + r * ldds, sbuf.data(), N);  // s is no longer needed
