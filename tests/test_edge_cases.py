@@ -787,28 +787,13 @@ def test_module_bad_inputs_match_torch():
 
 # ==== slow-profile fuzz findings (issue 9) ==================================================================
 # Found by `pytest --slow tests/test_fuzz.py` (hypothesis 6.170.15). Each is rebuilt from the fuzz's own draws with
-# its helpers and checked on every backend. Reference and Triton carry the fixes (the backward removes the saved
-# fp32 mean's rounding, the forward shifts statistics by the first element); the native kernels' backward fix lands
-# separately: strict xfails on the native param only, so that fix turns them into failures that ask for the mark
-# to go.
-
-_GN_SMALL_GROUP = pytest.mark.xfail(
-    strict=True, reason="BUG (native: being fixed): group_norm backward (reference, Triton and native alike before "
-    "the fix), groups of 2 elements near -200 (fp32): dx error 4.3e-4, 2.7x torch's 1.6e-4 (xhat = (x - mean) * "
-    "rstd carries the fp32 mean's "
-    "half-ulp rounding, 7.6e-6, and dx = rstd * (g - xhat * c1 - c2) cancels to ~1e-4 with rstd ~6); slow-fuzz "
-    "blob (reference) "
-    "b'AEEAQQBBAUECQQNBAkEAQQBBAwBBAEEAQQA='")
+# its helpers and checked on every backend. Fixed (issue 9): every backend's backward removes the saved fp32 mean's
+# rounding (xhat = ((x - mean) - e) * rstd, e = mean(x - mean) from the data: groups/rows of 2 near -200 had dx
+# errors 2.7x-4.4x torch's); the forward statistics are shifted by the first element (the reference GroupNorm's plain
+# fp32 mean was off by several ulps, L=3 dx error 4x torch's; Triton LayerNorm rows of 3, y error 5.7x torch's).
 
 
-def _native_only(backend: str, mark) -> list:
-    """``mark`` on the native backend's param only: reference and Triton carry the fix (issue 9); the native
-    kernels' fix lands separately."""
-    return [mark] if backend == "native" else []
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_native_only(b, _GN_SMALL_GROUP))
-                                     for b in backends_for("group_norm")])
+@pytest.mark.parametrize("backend", backends_for("group_norm"))
 def test_group_norm_two_element_groups_far_from_zero(backend):
     """x = -200 + randn (fp32, N=3, C=2, one group of 2 elements each), no affine, eps 1e-5: dx within the oracle."""
     from test_fuzz import Case, run_case
@@ -834,12 +819,6 @@ def test_instance_norm_three_elements_far_from_zero(backend):
 
 
 # Found with targeted follow-ups of the findings above (rows/groups of 2-3 elements, |mean| / spread >= 200, fp32).
-_LN_ROWS_OF_TWO = pytest.mark.xfail(
-    strict=True, reason="BUG (native: being fixed): layer_norm backward (reference, Triton and native alike before "
-    "the fix), rows of 2 elements near -200 (fp32): dx error 1.9e-3, 4.4x torch's 4.3e-4; same mechanism as the "
-    "GroupNorm groups of 2 above")
-
-
 def _layer_norm_far_case(seed: int, width: int, scale: float):
     from test_fuzz import Case
 
@@ -849,8 +828,7 @@ def _layer_norm_far_case(seed: int, width: int, scale: float):
                 lambda x, w, b: TF.layer_norm(x, (width,), w, b, 1e-5), [x, None, None], ["x", "weight", "bias"])
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_native_only(b, _LN_ROWS_OF_TWO))
-                                     for b in backends_for("layer_norm")])
+@pytest.mark.parametrize("backend", backends_for("layer_norm"))
 def test_layer_norm_rows_of_two_far_from_zero(backend):
     from test_fuzz import run_case
 

@@ -262,23 +262,14 @@ def _group_count(cg, S, acc_ty: tl.constexpr):
 
 
 @triton.jit
-def _sum_partials(P, ng, split, PBLOCK: tl.constexpr):
-    """Sum of the ``split`` partials of group ``ng`` in a fixed order, (1,)."""
-    acc = tl.zeros([PBLOCK], dtype=P.dtype.element_ty)
-    for p0 in range(0, split, PBLOCK):
-        p = p0 + tl.arange(0, PBLOCK)
-        acc += tl.load(P + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
-    return tl.sum(acc, axis=0) + tl.zeros([1], dtype=P.dtype.element_ty)
-
-
-@triton.jit
 def group_norm_bwd_centre_kernel(
-    X, Mean, PSumD,
+    X, Mean, Rstd, PSumD,
     stride_xn, stride_xo, G, cg, S, tiles_s, tiles_per_prog, num_tiles,
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Per program, sum(x - mean) over its tiles into PSumD (N*G, SPLIT): the SiLU backward needs the saved mean's
-    rounding e before its first pass (g depends on xhat nonlinearly); without SiLU the reduce kernel sums it."""
+    """Per program, sum((x - mean) * rstd) over its tiles into PSumD (N*G, SPLIT): e * rstd * count, with e the
+    saved mean's rounding. The SiLU backward needs e before its first pass (g depends on xhat nonlinearly); without
+    SiLU the reduce kernel sums the same quantity itself."""
     acc_ty = PSumD.dtype.element_ty
     ng = tl.program_id(0)
     n = ng // G
@@ -288,13 +279,14 @@ def group_norm_bwd_centre_kernel(
     else:
         x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64) * stride_xo
     mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
+    rstd2 = tl.reshape(tl.load(Rstd + ng + tl.arange(0, 1)), (1, 1))
     t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
     sum_d = tl.zeros([1], dtype=acc_ty)
     for tc in range(tc0, tc1 + 1):
         for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
             c, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
             x = tl.load(x_base + offs, mask=mask, other=0.0).to(acc_ty)
-            sum_d += tl.sum(tl.sum(tl.where(mask, x - mean2, 0.0), axis=1), axis=0)
+            sum_d += tl.sum(tl.sum(tl.where(mask, (x - mean2) * rstd2, 0.0), axis=1), axis=0)
     tl.store(PSumD + ng.to(tl.int64) * tl.num_programs(1) + tl.program_id(1) + tl.arange(0, 1), sum_d)
 
 
@@ -303,7 +295,7 @@ def group_norm_bwd_reduce_kernel(
     DY, X, W, B, Mean, Rstd, PSumG, PSumGX, PSumD, DWp, DBp,
     stride_dyn, stride_dyo, stride_xn, stride_xo, C, G, cg, S, tiles_s, tiles_per_prog, num_tiles,
     CHANNELS_LAST: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, PBLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     acc_ty = Rstd.dtype.element_ty
     ng = tl.program_id(0)
@@ -312,11 +304,12 @@ def group_norm_bwd_reduce_kernel(
     g = ng - n * G
     mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
     rstd2 = tl.reshape(tl.load(Rstd + ng + tl.arange(0, 1)), (1, 1))
-    # The saved mean's rounding e = mean(x - mean) over the group. With SiLU the centre kernel has summed it (g
-    # depends on xhat nonlinearly, so e is needed now). Without SiLU everything here is linear in xhat: this pass
-    # uses xhat + e * rstd, sums x - mean alongside, and the dx kernel / host subtract e * rstd * sum(g) after.
+    # The saved mean's rounding e = mean(x - mean) over the group. With SiLU, g depends on xhat nonlinearly, so e
+    # is needed now: PSumD then holds e per group (N*G,), from the centre kernel's partials. Without SiLU everything
+    # here is linear in xhat: this pass uses xhat + e * rstd, writes its partial sum of that xhat to PSumD
+    # (N*G, SPLIT), and the dx kernel / host subtract e * rstd * sum(g) after.
     if SILU:
-        e2 = tl.reshape(_sum_partials(PSumD, ng, tl.num_programs(1), PBLOCK) / _group_count(cg, S, acc_ty), (1, 1))
+        e2 = tl.reshape(tl.load(PSumD + ng + tl.arange(0, 1)), (1, 1))
     else:
         e2 = tl.zeros([1, 1], dtype=acc_ty)
         sum_d = tl.zeros([1], dtype=acc_ty)
@@ -342,6 +335,7 @@ def group_norm_bwd_reduce_kernel(
             bb = w
         dw_acc = tl.zeros([BLOCK_C], dtype=acc_ty)
         db_acc = tl.zeros([BLOCK_C], dtype=acc_ty)
+        d_acc = tl.zeros([BLOCK_C], dtype=acc_ty)
         for ts in range(tl.maximum(t0 - tc * tiles_s, 0), tl.minimum(t1 - tc * tiles_s, tiles_s)):
             cc, offs, mask = _tile(tc, ts, cg, S, stride_xo, CHANNELS_LAST, BLOCK_C, BLOCK_S)
             if stride_dyo == stride_xo:
@@ -352,7 +346,12 @@ def group_norm_bwd_reduce_kernel(
             dy = tl.load(dy_base + dy_offs, mask=mask, other=0.0).to(acc_ty)
             xhat, dy = _grad_tile(x, dy, mask, mean2, e2, rstd2, w, bb, AFFINE, SILU)
             if not SILU:
-                sum_d += tl.sum(tl.sum(tl.where(mask, x - mean2, 0.0), axis=1), axis=0)
+                # Per channel like dW/dB, reduced once per channel block: the per-tile full reduction spilled in
+                # one fp64 configuration, this form in another (ptxas), so it only covers one-channel tiles.
+                if BLOCK_C == 1:
+                    d_acc += tl.sum(xhat, axis=1)
+                else:
+                    sum_d += tl.sum(tl.sum(xhat, axis=1), axis=0)
             if AFFINE:
                 dw_acc += tl.sum(dy * xhat, axis=1)
                 db_acc += tl.sum(dy, axis=1)
@@ -364,6 +363,9 @@ def group_norm_bwd_reduce_kernel(
         if AFFINE:
             tl.store(DWp + p_row + c, dw_acc, mask=c < cg)
             tl.store(DBp + p_row + c, db_acc, mask=c < cg)
+        if not SILU:
+            if BLOCK_C == 1:
+                sum_d += tl.sum(d_acc, axis=0)
     p = ng.to(tl.int64) * tl.num_programs(1) + sp + tl.arange(0, 1)
     tl.store(PSumG + p, sum_g)
     tl.store(PSumGX + p, sum_gx)
@@ -385,14 +387,23 @@ def group_norm_bwd_dx_kernel(
     g = ng - n * G
     split = tl.num_programs(1)
     # Group sums of g, g * xhat and x - mean, merged in a fixed order.
+    sum_g = tl.zeros([PBLOCK], dtype=acc_ty)
+    sum_gx = tl.zeros([PBLOCK], dtype=acc_ty)
+    sum_d = tl.zeros([PBLOCK], dtype=acc_ty)
+    for p0 in range(0, split, PBLOCK):
+        p = p0 + tl.arange(0, PBLOCK)
+        sum_g += tl.load(PSumG + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
+        sum_gx += tl.load(PSumGX + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
+        sum_d += tl.load(PSumD + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
     m = _group_count(cg, S, acc_ty)
-    sum_g = _sum_partials(PSumG, ng, split, PBLOCK)
-    sum_gx = _sum_partials(PSumGX, ng, split, PBLOCK)
+    sum_g = tl.sum(sum_g, axis=0) + tl.zeros([1], dtype=acc_ty)
+    sum_gx = tl.sum(sum_gx, axis=0) + tl.zeros([1], dtype=acc_ty)
     rstd = tl.load(Rstd + ng + tl.arange(0, 1))
-    e = _sum_partials(PSumD, ng, split, PBLOCK) / m
+    de = (tl.sum(sum_d, axis=0) + tl.zeros([1], dtype=acc_ty)) / m  # e * rstd
+    e = de / rstd
     if not SILU:
         # The reduce pass summed g * (xhat + e * rstd) (see there): take out e * rstd * sum(g).
-        sum_gx = sum_gx - (e * rstd) * sum_g
+        sum_gx = sum_gx - de * sum_g
     c2 = tl.reshape(sum_g / m, (1, 1))
     c1 = tl.reshape(sum_gx / m, (1, 1))
     e2 = tl.reshape(e, (1, 1))
@@ -649,13 +660,15 @@ def group_norm_bwd(
         if silu:
             # e = mean(x - mean) first: the SiLU backward is not linear in xhat (see the reduce kernel).
             group_norm_bwd_centre_kernel[geo.grid](
-                x, mean, psum_d, sxn, sxo, *geo.common_args(),
+                x, mean, rstd, psum_d, sxn, sxo, *geo.common_args(),
                 CHANNELS_LAST=geo.channels_last, **geo.cfg, num_warps=NUM_WARPS,
             )
+            # e per group, merged here (a fixed-order sum): a partial-merging loop in the reduce kernel spilled.
+            e_group = psum_d.sum(dim=1) / (geo.cg * geo.s) / rstd.reshape(-1)
         group_norm_bwd_reduce_kernel[geo.grid](
-            dy, x, w, b, mean, rstd, psum_g, psum_gx, psum_d, dwp, dbp,
+            dy, x, w, b, mean, rstd, psum_g, psum_gx, e_group if silu else psum_d, dwp, dbp,
             sdn, sdo, sxn, sxo, geo.c, *geo.common_args(),
-            **flags, PBLOCK=PARTIAL_BLOCK, **geo.cfg,
+            **flags, **geo.cfg,
             num_warps=group_norm_num_warps("bwd_reduce", geo.channels_last, geo.cfg["BLOCK_C"], acc == torch.float64),
         )
         group_norm_bwd_dx_kernel[geo.grid](
@@ -666,7 +679,7 @@ def group_norm_bwd(
     if affine and not silu:
         # The reduce pass summed dy * (xhat + e * rstd) (see there): per sample, take out e * rstd * sum(dy) of
         # each channel's group. Sums in a fixed order (deterministic); (N, SPLIT, C) -> (N, C) -> (C,).
-        de = (psum_d.sum(dim=1) / (geo.cg * geo.s) * rstd.reshape(-1)).reshape(geo.n, geo.g)
+        de = (psum_d.sum(dim=1) / (geo.cg * geo.s)).reshape(geo.n, geo.g)  # e * rstd
         dw_n = dwp.reshape(geo.n, geo.split, geo.c).sum(dim=1)
         db_n = dbp.reshape(geo.n, geo.split, geo.c).sum(dim=1)
         dw_all = (dw_n - de.repeat_interleave(geo.cg, dim=1) * db_n).sum(dim=0)
@@ -707,7 +720,8 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
             sig = {"X": f"*{xd}", "PCount": f"*{ad}", "PMean": f"*{ad}", "PM2": f"*{ad}",
                    "stride_xn": "i64", "stride_xo": "i64", **geo}
             add(group_norm_stats_kernel, tag, sig, dict(tile))
-            sig = {"X": f"*{xd}", "Mean": f"*{ad}", "PSumD": f"*{ad}", "stride_xn": "i64", "stride_xo": "i64", **geo}
+            sig = {"X": f"*{xd}", "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumD": f"*{ad}",
+                   "stride_xn": "i64", "stride_xo": "i64", **geo}
             add(group_norm_bwd_centre_kernel, tag, sig, dict(tile))
             for affine in (False, True):
                 for silu in (False, True):
@@ -724,7 +738,7 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
                            "PSumD": f"*{ad}", "DWp": f"*{ad}", "DBp": f"*{ad}",
                            "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
                            "C": "i32", **geo}
-                    add(group_norm_bwd_reduce_kernel, ftag, sig, {**flags, "PBLOCK": PARTIAL_BLOCK})
+                    add(group_norm_bwd_reduce_kernel, ftag, sig, dict(flags))
                     sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
                            "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
                            "PSumD": f"*{ad}", "DX": f"*{xd}",
