@@ -17,15 +17,16 @@ Forward (two kernels):
    mean/rstd/var (program 0 of the group stores them), then normalizes its tiles with the fused per-channel affine
    and optional SiLU.
 
-Backward (two kernels, no atomics, every reduction in a fixed order):
+Backward (two kernels, three with SiLU, no atomics, every reduction in a fixed order):
 1. ``group_norm_bwd_reduce_kernel``: per program, the group sums sum(g) and sum(g * xhat) (g = dL/dxhat, the SiLU
    backward included) into (N*G, SPLIT) partials, and per-channel dW/dB partials into an (N*SPLIT, C) buffer in
    which each (program, channel) slot is written by exactly one program, once; the host sums that buffer.
 2. ``group_norm_bwd_dx_kernel``: merges the group sums and writes dX in one more pass.
 xhat is recomputed as ((x - mean) - e) * rstd with e = mean(x - mean) over the group: the saved fp32 mean carries
 half an ulp of |mean| of rounding, and dX cancels when |mean| >> std. Without SiLU every group sum is linear in xhat,
-so the reduce kernel also sums x - mean and the correction is applied after (no extra read); with SiLU a third
-kernel, ``group_norm_bwd_centre_kernel``, sums x - mean first (one more read of X).
+so the reduce kernel also sums the uncorrected xhat (that sum is e * rstd * count) and the correction is applied
+after (no extra read); with SiLU a third kernel, ``group_norm_bwd_centre_kernel``, sums it first (one more read of X). The
+host merges those partials into e (N*G,) in a fixed order.
 
 Statistics are fp32 (fp64 for fp64 input), of x - K with K the group's first element (the same K in every program
 of a group): a tile's sum then carries no large offset, and the forward normalizes (x - K) - mean(x - K), so the
@@ -375,7 +376,7 @@ def group_norm_bwd_reduce_kernel(
 
 @triton.jit
 def group_norm_bwd_dx_kernel(
-    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, PSumD, DX,
+    DY, X, W, B, Mean, Rstd, PSumG, PSumGX, E, DX,
     stride_dyn, stride_dyo, stride_xn, stride_xo, stride_dxn, stride_dxo,
     G, cg, S, tiles_s, tiles_per_prog, num_tiles,
     CHANNELS_LAST: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
@@ -386,24 +387,22 @@ def group_norm_bwd_dx_kernel(
     n = ng // G
     g = ng - n * G
     split = tl.num_programs(1)
-    # Group sums of g, g * xhat and x - mean, merged in a fixed order.
+    # Group sums of g and g * xhat, merged in a fixed order; e (N*G,), the saved mean's rounding, merged on the host
+    # (an fp64 division here needed a stack frame).
     sum_g = tl.zeros([PBLOCK], dtype=acc_ty)
     sum_gx = tl.zeros([PBLOCK], dtype=acc_ty)
-    sum_d = tl.zeros([PBLOCK], dtype=acc_ty)
     for p0 in range(0, split, PBLOCK):
         p = p0 + tl.arange(0, PBLOCK)
         sum_g += tl.load(PSumG + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
         sum_gx += tl.load(PSumGX + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
-        sum_d += tl.load(PSumD + ng.to(tl.int64) * split + p, mask=p < split, other=0.0)
     m = _group_count(cg, S, acc_ty)
     sum_g = tl.sum(sum_g, axis=0) + tl.zeros([1], dtype=acc_ty)
     sum_gx = tl.sum(sum_gx, axis=0) + tl.zeros([1], dtype=acc_ty)
     rstd = tl.load(Rstd + ng + tl.arange(0, 1))
-    de = (tl.sum(sum_d, axis=0) + tl.zeros([1], dtype=acc_ty)) / m  # e * rstd
-    e = de / rstd
+    e = tl.load(E + ng + tl.arange(0, 1))
     if not SILU:
         # The reduce pass summed g * (xhat + e * rstd) (see there): take out e * rstd * sum(g).
-        sum_gx = sum_gx - de * sum_g
+        sum_gx = sum_gx - (e * rstd) * sum_g
     c2 = tl.reshape(sum_g / m, (1, 1))
     c1 = tl.reshape(sum_gx / m, (1, 1))
     e2 = tl.reshape(e, (1, 1))
@@ -671,8 +670,11 @@ def group_norm_bwd(
             **flags, **geo.cfg,
             num_warps=group_norm_num_warps("bwd_reduce", geo.channels_last, geo.cfg["BLOCK_C"], acc == torch.float64),
         )
+        if not silu:
+            # psum_d now holds the reduce kernel's partial sums of xhat, i.e. of e * rstd (see there).
+            e_group = psum_d.sum(dim=1) / (geo.cg * geo.s) / rstd.reshape(-1)
         group_norm_bwd_dx_kernel[geo.grid](
-            dy, x, w, b, mean, rstd, psum_g, psum_gx, psum_d, dx,
+            dy, x, w, b, mean, rstd, psum_g, psum_gx, e_group, dx,
             sdn, sdo, sxn, sxo, sxdn, sxdo, *geo.common_args(),
             **flags, PBLOCK=PARTIAL_BLOCK, **geo.cfg, num_warps=NUM_WARPS,
         )
@@ -741,7 +743,7 @@ def kernel_configs() -> list[tuple[str, object, dict[str, str], dict[str, object
                     add(group_norm_bwd_reduce_kernel, ftag, sig, dict(flags))
                     sig = {"DY": f"*{xd}", "X": f"*{xd}", "W": f"*{pd}", "B": f"*{pd}",
                            "Mean": f"*{ad}", "Rstd": f"*{ad}", "PSumG": f"*{ad}", "PSumGX": f"*{ad}",
-                           "PSumD": f"*{ad}", "DX": f"*{xd}",
+                           "E": f"*{ad}", "DX": f"*{xd}",
                            "stride_dyn": "i64", "stride_dyo": "i64", "stride_xn": "i64", "stride_xo": "i64",
                            "stride_dxn": "i64", "stride_dxo": "i64", **geo}
                     add(group_norm_bwd_dx_kernel, ftag, sig, {**flags, "PBLOCK": PARTIAL_BLOCK})
