@@ -25,8 +25,8 @@ Backward (two kernels, three with SiLU, no atomics, every reduction in a fixed o
 xhat is recomputed as ((x - mean) - e) * rstd with e = mean(x - mean) over the group: the saved fp32 mean carries
 half an ulp of |mean| of rounding, and dX cancels when |mean| >> std. Without SiLU every group sum is linear in xhat,
 so the reduce kernel also sums the uncorrected xhat (that sum is e * rstd * count) and the correction is applied
-after (no extra read); with SiLU a third kernel, ``group_norm_bwd_centre_kernel``, sums it first (one more read of X). The
-host merges those partials into e (N*G,) in a fixed order.
+after (no extra read); with SiLU a third kernel, ``group_norm_bwd_centre_kernel``, sums it first (one more read of
+X). The host merges those partials into e (N*G,) in a fixed order.
 
 Statistics are fp32 (fp64 for fp64 input), of x - K with K the group's first element (the same K in every program
 of a group): a tile's sum then carries no large offset, and the forward normalizes (x - K) - mean(x - K), so the
