@@ -180,16 +180,6 @@ inline const A* acc_view(const T* src, A* buf, int64_t n) {
   }
 }
 
-// Where to write acc-type results destined for dst[0:n]: dst itself when T == A, else buf (then from_acc).
-template <typename T, typename A>
-inline A* acc_out(T* dst, A* buf) {
-  if constexpr (std::is_same_v<T, A>) {
-    return dst;
-  } else {
-    return buf;
-  }
-}
-
 // ---- writing acc-type vectors as the storage type ---------------------------------------------------
 
 // Stores 2 * Vectorized<A>::size() results as T (T != A: bf16 / fp16 from float), converting in registers;
