@@ -83,10 +83,29 @@ def add_norm_bwd(
     return dx, (dres if has_res else None), (dw if weight is not None else None), (db if bias is not None else None)
 
 
+def _pixel_rows(t: Tensor) -> Tensor | None:
+    """An (N, C, P) tensor whose channels are contiguous (channels_last) as (N * P, C) rows, without a copy;
+    None when it is not laid out that way (or is empty)."""
+    n, c, p = t.shape
+    if t.numel() == 0 or (c > 1 and t.stride(1) != 1):
+        return None
+    rows = t.transpose(1, 2)
+    if not rows.is_contiguous():
+        return None
+    return rows.view(n * p, c)
+
+
 def layer_norm_cf_fwd(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """See ``reference_variants.layer_norm_cf_fwd``: x (N, C, P) any strides; y like x, mean/rstd (N, P)."""
+    rows = _pixel_rows(x)
+    if rows is not None:
+        # channels_last: every pixel's C channels are one contiguous row, which is the plain LayerNorm kernel's
+        # job (vectorized over C); y keeps x's layout.
+        n, c, p = x.shape
+        y, mean, rstd = _ops.layer_norm_fwd(rows, weight, bias, float(eps), False)
+        return y.view(n, p, c).transpose(1, 2), mean.view(n, p), rstd.view(n, p)
     y, mean, rstd = _ops.layer_norm_cf_fwd(x, weight, bias, float(eps))
     return y, mean, rstd
 
@@ -95,7 +114,15 @@ def layer_norm_cf_bwd(
     dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """See ``reference_variants.layer_norm_cf_bwd``: dx (like x), dweight, dbias (None when absent)."""
-    dx, dw, db = _ops.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd)
+    rows = _pixel_rows(x)
+    if rows is not None:
+        n, c, p = x.shape
+        dy_rows = dy.to(x.dtype).transpose(1, 2).reshape(n * p, c)  # a view when dy is channels_last too
+        dx, dw, db = _ops.layer_norm_bwd(dy_rows, rows, weight, bias, mean.reshape(-1).contiguous(),
+                                         rstd.reshape(-1).contiguous(), False)
+        dx = dx.view(n, p, c).transpose(1, 2)
+    else:
+        dx, dw, db = _ops.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd)
     return dx, (dw if weight is not None else None), (db if bias is not None else None)
 
 
