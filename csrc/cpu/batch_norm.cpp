@@ -3,7 +3,7 @@
 //
 // Reductions are split into fixed pieces (NCHW: one per (n, c) plane; NHWC: one per (sample, block)
 // task), each producing a partial that is merged in a fixed order: Chan merges for statistics, plain
-// ordered sums for the backward. Results are bit-identical run to run for a fixed thread count.
+// ordered sums for the backward. Results are bit-identical run to run, whatever the thread count.
 #include "cpu/isa_prelude.h"
 // (isa_prelude.h must come first: it selects the instruction set of this translation unit.)
 #include "cpu/nc_utils.h"

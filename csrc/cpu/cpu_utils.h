@@ -501,10 +501,14 @@ inline std::pair<int64_t, int64_t> block_range(int64_t rows, int64_t blocks, int
   return {begin, begin + base + (b < extra ? 1 : 0)};
 }
 
-// Number of partial-sum blocks for a reduction over `rows` rows: one per thread (at most one per row),
-// so the result is bit-identical run to run for a fixed thread count, whatever the scheduling.
+// Split count of the partial-sum reductions (dW/dB and the like). It is a constant, not the thread count,
+// so the summation order and hence every bit of the result are the same whatever torch.get_num_threads()
+// is and however the tasks are scheduled; 64 keeps machines with up to 64 threads busy.
+constexpr int64_t kReductionSplits = 64;
+
+// Number of partial-sum blocks for a reduction over `rows` rows (at most one per row).
 inline int64_t num_blocks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, kReductionSplits));
 }
 
 // Parameter (C,) or (N,) tensor as a contiguous acc-type tensor, or an undefined tensor.

@@ -3,8 +3,9 @@
 // x is (M, N) with an arbitrary row stride and a contiguous last dimension; rows are independent, so the
 // forward runs rows in parallel. Each row is converted (bf16/fp16) or used in place (fp32/fp64), its
 // statistics are computed exactly in L1-sized chunks merged with Chan's formula, and it is normalized
-// while still in cache. The backward keeps dW/dB partial sums per block of rows (one block per thread)
-// and reduces them in block order, so the result does not depend on scheduling.
+// while still in cache. The backward keeps dW/dB partial sums per block of rows (a fixed number of
+// blocks, see num_blocks) and reduces them in block order, so the result depends on neither scheduling nor
+// the thread count.
 #include "cpu/isa_prelude.h"
 // (isa_prelude.h must come first: it selects the instruction set of this translation unit.)
 #include "cpu/cpu_utils.h"

@@ -12,11 +12,11 @@ namespace FUSEDNORM_ISA {
 // NHWC rows per chunk: about 16K elements, so a chunk (and its fp32 copy) stays in L2 between passes.
 inline int64_t nhwc_rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
-// Blocks per sample for NHWC reductions: enough tasks to keep every thread busy, at most one per chunk.
-// It depends only on the shape and the thread count, so the reduction order is fixed for both.
+// Blocks per sample for NHWC reductions: about kReductionSplits tasks over the batch, at most one per
+// chunk. It depends only on the shape (not the thread count), so the reduction order is fixed.
 inline int64_t nhwc_blocks_per_sample(int64_t N, int64_t HW, int64_t C) {
   const int64_t chunks = (HW + nhwc_rows_per_chunk(C) - 1) / nhwc_rows_per_chunk(C);
-  const int64_t want = (2 * at::get_num_threads() + N - 1) / std::max<int64_t>(N, 1);
+  const int64_t want = (kReductionSplits + N - 1) / std::max<int64_t>(N, 1);
   return std::max<int64_t>(1, std::min(chunks, want));
 }
 

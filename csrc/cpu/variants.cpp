@@ -5,8 +5,8 @@
 // again), and normalized while still in cache. The dropout mask is never stored: it is the counter-based
 // hash of (seed, element index) defined in fusednorm/backends/reference_variants.py, computed bit-exactly
 // here, so forward and backward (and every backend) agree. The backward keeps dW/dB partial sums per
-// block of rows (one block per thread) and reduces them in block order: deterministic for a fixed thread
-// count.
+// block of rows (a fixed number of blocks, see num_blocks) and reduces them in block order: bit-identical
+// whatever the thread count.
 //
 // Like the other CPU sources, this file is compiled twice (baseline and AVX2, see isa_prelude.h) and shares
 // the dtype plumbing and vectorized reductions of cpu_utils.h. The registration (baseline copy only)
@@ -748,7 +748,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ada_norm_
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
   at::Tensor dx = at::empty({B, L, D}, x.options());
   // Tasks: (batch, L-chunk) pairs, J chunks per batch; each writes its own partial rows, reduced in order.
-  const int64_t J = std::max<int64_t>(1, std::min<int64_t>(L, at::get_num_threads() / std::max<int64_t>(B, 1)));
+  const int64_t J = std::max<int64_t>(1, std::min<int64_t>(L, kReductionSplits / std::max<int64_t>(B, 1)));
   const int64_t tasks = B * J;
   at::Tensor pscale = at::zeros({tasks, D}, x.options().dtype(acc)), pshift = at::zeros({tasks, D}, pscale.options());
   at::Tensor pw = at::zeros({w.defined() ? tasks : 0, D}, pscale.options());
