@@ -134,6 +134,9 @@ def _same_pattern(a: torch.Tensor, b: torch.Tensor, what: str, strict: bool = Tr
     x * (w * rstd) + (b - mean * w * rstd) gives inf - inf = NaN where (x - mean) * rstd * w gives +/-inf).
     """
     assert a.shape == b.shape, what
+    # The finite values are fp32 results of two implementations of the same normalization on small, well
+    # conditioned inputs: they agree to a few fp32 ulps of O(1) values, far inside 1e-4 (these tests are about
+    # where NaN/Inf appear; accuracy is tested against float64 elsewhere).
     a64, b64 = a.double(), b.double()
     if not strict:
         assert torch.equal(torch.isfinite(a64), torch.isfinite(b64)), f"{what}: non-finite pattern differs from torch"
@@ -332,6 +335,7 @@ def test_trailing_unit_dim_of_a_sliced_view(backend, rms):
     xr = x.detach().double().requires_grad_()
     ref = TF.rms_norm(xr, (3, 1), eps=torch.finfo(torch.float32).eps) if rms else TF.layer_norm(xr, (3, 1))
     ref.backward(dy.double())
+    # fp32 result against float64 on 3 elements: fp32 rounding is ~1e-7 relative; 1e-5 leaves room for rstd.
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xl.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
 
