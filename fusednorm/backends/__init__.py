@@ -96,33 +96,35 @@ def triton_interpret_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _device_problem(name: str, module: ModuleType, device: torch.device) -> str | None:
-    """Why backend ``name`` cannot run on ``device`` (None when it can)."""
-    if name == "triton":
-        if device.type == "cuda":
+def _device_problem(name: str, module: ModuleType, device_type: str) -> str | None:
+    """Why backend ``name`` cannot run on tensors of device type ``device_type`` (None when it can)."""
+    if name == "native":
+        if device_type == "cpu":
             return None
-        if device.type == "cpu" and triton_interpret_enabled():
+        if device_type == "cuda" and module.has_cuda():
+            return None
+        return f"the native extension was built without {device_type} kernels"
+    if name == "reference":
+        return None
+    if name == "triton":
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and triton_interpret_enabled():
             return None
         return (
             f"the triton backend runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1 set before "
-            f"fusednorm's Triton kernels are imported); got a {device.type} tensor"
+            f"fusednorm's Triton kernels are imported); got a {device_type} tensor"
         )
-    if name == "native":
-        if device.type == "cpu":
-            return None
-        if device.type == "cuda" and module.has_cuda():
-            return None
-        return f"the native extension was built without {device.type} kernels"
-    if name == "reference":
-        return None
     return f"unknown backend {name}"
 
 
-def _try(name: str, op: str, device: torch.device) -> tuple[ModuleType | None, str]:
-    module = _load(name)
+def _try(name: str, op: str, device_type: str) -> tuple[ModuleType | None, str]:
+    module = _loaded.get(name)
+    if module is None:
+        module = _load(name)
     if isinstance(module, BaseException):
         return None, f"backend {name!r} is unavailable: {type(module).__name__}: {module}"
-    problem = _device_problem(name, module, device)
+    problem = _device_problem(name, module, device_type)
     if problem is not None:
         return None, problem
     if not module.supports(op):
@@ -130,20 +132,38 @@ def _try(name: str, op: str, device: torch.device) -> tuple[ModuleType | None, s
     return module, ""
 
 
+def _device_type(x: torch.Tensor) -> str:
+    # x.device.type costs ~0.4 us per call (select runs once per op call); the two common answers come from
+    # cheap properties.
+    if x.is_cpu:
+        return "cpu"
+    if x.is_cuda:
+        return "cuda"
+    return x.device.type
+
+
+_AUTO_ORDER = {"cuda": ("triton", "native", "reference")}
+_AUTO_ORDER_OTHER = ("native", "reference")
+
+
 def select(op: str, x: torch.Tensor) -> ModuleType:
-    """The backend module that runs ``op`` (a function name from ``reference.py``) on tensor ``x``."""
+    """The backend module that runs ``op`` (a function name from ``reference.py``) on tensor ``x``.
+
+    Not cached on purpose: the answer depends on state that may change between calls (the backend in force,
+    a backend failing to load, ``TRITON_INTERPRET``), and the checks cost about a microsecond.
+    """
     name = get_backend()
+    device_type = _device_type(x)
     if name != "auto":
-        module, why = _try(name, op, x.device)
+        module, why = _try(name, op, device_type)
         if module is None:
             raise BackendUnavailableError(f"fusednorm: cannot run {op} with the forced backend: {why}")
         return module
-    order = ("triton", "native", "reference") if x.device.type == "cuda" else ("native", "reference")
-    for candidate in order:
-        module, _ = _try(candidate, op, x.device)
+    for candidate in _AUTO_ORDER.get(device_type, _AUTO_ORDER_OTHER):
+        module, _ = _try(candidate, op, device_type)
         if module is not None:
             return module
-    raise BackendUnavailableError(f"fusednorm: no backend can run {op} on {x.device.type} tensors")
+    raise BackendUnavailableError(f"fusednorm: no backend can run {op} on {device_type} tensors")
 
 
 def available_backends() -> dict[str, BackendInfo]:

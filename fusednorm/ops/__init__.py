@@ -3,14 +3,32 @@
 One file per op family. Each custom op's implementation asks ``fusednorm.backends.select`` which backend runs
 it, so the choice happens at run time (also under ``torch.compile``, where the op is opaque). Custom ops cannot
 return ``None``, so absent gradients travel as 0-size tensors and are turned back into ``None`` here.
+
+Eager fast path. Going through the torch.library dispatcher costs ~12 us per custom-op call on the CPU, and
+``autograd.Function.apply`` another ~8 us; for small tensors that is more than the kernel. So, in plain eager
+execution (see ``plain_eager``), the families skip both:
+
+- ``call_op(op, *args)`` runs the op's Python body directly (the function registered with ``custom_op`` below)
+  instead of ``torch.ops.fusednorm.<op>``. It is the same code the dispatcher would run on a CPU/CUDA tensor,
+  minus the dispatcher; the op stays registered and is what ``torch.compile``, FakeTensor / dispatch-mode
+  tracing, ``torch.jit.trace``, functorch transforms and ``opcheck`` see.
+- ``BackendPinnedFunction.call(*args)`` runs the Function's ``forward`` directly (with a throw-away context)
+  when no gradient can be needed (grad mode off, or no tensor argument requires grad), else ``apply``.
+
+Anything that is not plain eager (a tensor subclass, FakeTensor, a meta tensor, an active TorchDispatchMode or
+torch-function mode, tracing, compiling, a vmap/grad transform, a forward-AD dual level) takes the original path,
+so the results there are unchanged. ``tests/test_fast_path.py`` checks both sides and bit-identical outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from fusednorm.backends import get_backend, use_backend
@@ -36,14 +54,89 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# ---- eager fast path -----------------------------------------------------------------------------------
+
+# Exactly these types are "plain" tensors: a Parameter dispatches like a Tensor (its __torch_function__ is
+# disabled); any other subclass (FakeTensor, DTensor, user subclasses) may override dispatch and must see the op.
+_PLAIN_TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
+
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_torch_function_mode_on = torch._C._is_torch_function_mode_enabled
+_functorch_stack_top = torch._C._functorch.peek_interpreter_stack
+_jit_tracing_state = torch._C._get_tracing_state
+
+_EAGER_IMPLS: dict[Any, Callable[..., Any]] = {}
+
+
+def custom_op(name: str, *, mutates_args: Sequence[str] | str = ()) -> Callable[[Callable[..., Any]], Any]:
+    """``torch.library.custom_op(name, mutates_args=...)`` that also remembers the op's Python body, which
+    ``call_op`` runs directly in plain eager mode. Returns the ``CustomOpDef`` (``register_fake`` etc. as usual)."""
+
+    def register(fn: Callable[..., Any]) -> Any:
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        _EAGER_IMPLS[op] = fn
+        return op
+
+    return register
+
+
+def _plain_mode() -> bool:
+    """True when nothing intercepts ops globally: not compiling/tracing, no dispatch or torch-function mode, no
+    functorch transform (vmap, grad, ...) in progress."""
+    return not (
+        _is_compiling()
+        or _dispatch_stack_len()
+        or _torch_function_mode_on()
+        or _functorch_stack_top() is not None
+        or _jit_tracing_state() is not None
+    )
+
+
+def plain_eager(args: Sequence[Any]) -> bool:
+    """True when a call with ``args`` may skip the dispatcher: plain eager mode (see above) and every tensor in
+    ``args`` a plain ``torch.Tensor`` (or Parameter) that is not on the meta device (meta goes to the fake impl)."""
+    if not _plain_mode():
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta):
+            return False
+    return True
+
+
+def call_op(op: Any, *args: Any) -> Any:
+    """Call custom op ``op`` (a ``CustomOpDef`` made with ``custom_op``) with positional ``args``: its Python body
+    directly in plain eager mode, else through the dispatcher (``torch.ops.fusednorm.<name>``)."""
+    if plain_eager(args):
+        return _EAGER_IMPLS[op](*args)
+    return op(*args)
+
+
+class _InferenceCtx:
+    """Stand-in for the autograd context when ``BackendPinnedFunction.call`` runs ``forward`` without autograd:
+    whatever the forward saves or marks is dropped (no backward can run)."""
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Tensor) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
 class BackendPinnedFunction(torch.autograd.Function):
     """``torch.autograd.Function`` whose backward runs on the backend that was in force during its forward.
 
     A ``use_backend`` scope is context-local, and autograd runs CUDA backward passes on its own device threads,
     where the caller's scope is not visible; without this, ``with use_backend("native"): loss.backward()`` could
-    run the backward on another backend than the forward. Subclasses define ``forward``/``backward`` as usual.
+    run the backward on another backend than the forward. Subclasses define ``forward``/``backward`` as usual
+    and are called with ``call`` (not ``apply``), which skips autograd when no gradient can be needed.
     Under ``torch.compile`` nothing is recorded: compiled code runs on the backend selected at run time.
     """
+
+    _plain_forward: Callable[..., Any]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -60,5 +153,21 @@ class BackendPinnedFunction(torch.autograd.Function):
             with use_backend(name) if name is not None else contextlib.nullcontext():
                 return backward(ctx, *grads)
 
+        cls._plain_forward = staticmethod(forward)
         cls.forward = staticmethod(pinned_forward)
         cls.backward = staticmethod(pinned_backward)
+
+    @classmethod
+    def call(cls, *args: Any) -> Any:
+        """``cls.apply(*args)``, or, in plain eager mode when no gradient can be needed (grad mode off or no
+        tensor argument requiring grad, no forward-AD level), ``forward`` run directly: the same outputs (and the
+        same in-place running-statistics updates) without building an autograd node."""
+        if not _plain_mode() or _forward_ad._current_level >= 0:
+            return cls.apply(*args)
+        grad = torch.is_grad_enabled()
+        for a in args:
+            if isinstance(a, Tensor) and (
+                type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta or (grad and a.requires_grad)
+            ):
+                return cls.apply(*args)
+        return cls._plain_forward(_InferenceCtx(), *args)

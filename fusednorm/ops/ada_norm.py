@@ -11,10 +11,18 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import (
+    BackendPinnedFunction,
+    absent_like,
+    acc_dtype,
+    call_op,
+    custom_op,
+    grad_or_empty,
+    none_if_absent,
+)
 
 
-@torch.library.custom_op("fusednorm::ada_norm_fwd", mutates_args=())
+@custom_op("fusednorm::ada_norm_fwd")
 def ada_norm_fwd(
     x: Tensor,
     scale: Tensor,
@@ -40,7 +48,7 @@ def _(x, scale, shift, weight, bias, eps, is_rms):
     return x.new_empty(x.shape), x.new_empty((0,) if is_rms else (b, l), dtype=acc), x.new_empty((b, l), dtype=acc)
 
 
-@torch.library.custom_op("fusednorm::ada_norm_bwd", mutates_args=())
+@custom_op("fusednorm::ada_norm_bwd")
 def ada_norm_bwd(
     dy: Tensor,
     x: Tensor,
@@ -75,7 +83,7 @@ class AdaNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x, scale, shift, weight, bias, eps, is_rms):
-        y, mean, rstd = torch.ops.fusednorm.ada_norm_fwd(x, scale, shift, weight, bias, eps, is_rms)
+        y, mean, rstd = call_op(ada_norm_fwd, x, scale, shift, weight, bias, eps, is_rms)
         ctx.save_for_backward(x, scale, shift, weight, bias, mean, rstd)
         ctx.is_rms = is_rms
         return y
@@ -85,8 +93,8 @@ class AdaNormFunction(BackendPinnedFunction):
         x, scale, shift, weight, bias, mean, rstd = ctx.saved_tensors
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
-        dx, dscale, dshift, dw, db = torch.ops.fusednorm.ada_norm_bwd(
-            dy, x, scale, shift, weight, bias, mean, rstd, ctx.is_rms
+        dx, dscale, dshift, dw, db = call_op(
+            ada_norm_bwd, dy, x, scale, shift, weight, bias, mean, rstd, ctx.is_rms
         )
         return (
             dx, dscale, dshift, none_if_absent(dw, weight is not None), none_if_absent(db, bias is not None),
@@ -98,9 +106,10 @@ def adaptive_norm(
     x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool
 ) -> Tensor:
     """Adaptive norm of x (B, L, D) with per-batch scale/shift (B, D) (arguments validated)."""
-    if x.stride(-1) != 1:
+    # is_contiguous() first: it is far cheaper than stride(-1) and settles the common case
+    if not (x.is_contiguous() or x.stride(-1) == 1):
         x = x.contiguous()
     # scale/shift are often (B, D) chunks of one modulation tensor: any row stride is fine, no copy
-    scale = scale if scale.stride(-1) == 1 else scale.contiguous()
-    shift = shift if shift.stride(-1) == 1 else shift.contiguous()
-    return AdaNormFunction.apply(x, scale, shift, weight, bias, float(eps), is_rms)
+    scale = scale if scale.is_contiguous() or scale.stride(-1) == 1 else scale.contiguous()
+    shift = shift if shift.is_contiguous() or shift.stride(-1) == 1 else shift.contiguous()
+    return AdaNormFunction.call(x, scale, shift, weight, bias, float(eps), is_rms)

@@ -13,8 +13,16 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
-from fusednorm.ops.layer_norm import as_rows
+from fusednorm.ops import (
+    BackendPinnedFunction,
+    absent_like,
+    acc_dtype,
+    call_op,
+    custom_op,
+    grad_or_empty,
+    none_if_absent,
+)
+from fusednorm.ops.layer_norm import as_rows, as_vector, is_rows
 
 
 def residual_dtype_for(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) -> torch.dtype:
@@ -25,7 +33,7 @@ def residual_dtype_for(x: Tensor, residual: Optional[Tensor], residual_in_fp32: 
     return dt
 
 
-@torch.library.custom_op("fusednorm::add_norm_fwd", mutates_args=())
+@custom_op("fusednorm::add_norm_fwd")
 def add_norm_fwd(
     x: Tensor,
     residual: Optional[Tensor],
@@ -66,7 +74,7 @@ def _(x, residual, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32)
     )
 
 
-@torch.library.custom_op("fusednorm::add_norm_bwd", mutates_args=())
+@custom_op("fusednorm::add_norm_bwd")
 def add_norm_bwd(
     dy: Tensor,
     ds: Optional[Tensor],
@@ -108,8 +116,8 @@ class AddNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32):
-        y, s, mean, rstd = torch.ops.fusednorm.add_norm_fwd(
-            x, residual, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32
+        y, s, mean, rstd = call_op(
+            add_norm_fwd, x, residual, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32
         )
         ctx.save_for_backward(s, weight, bias, mean, rstd)
         res_dtype = residual.dtype if residual is not None else x.dtype
@@ -127,8 +135,8 @@ class AddNormFunction(BackendPinnedFunction):
             dy = dy.contiguous()
         if ds is not None and ds.stride(-1) != 1:
             ds = ds.contiguous()
-        dx, dres, dw, db = torch.ops.fusednorm.add_norm_bwd(
-            dy, ds, s, weight, bias, mean, rstd, is_rms, dropout_p, seed, x_dtype, has_residual, res_dtype
+        dx, dres, dw, db = call_op(
+            add_norm_bwd, dy, ds, s, weight, bias, mean, rstd, is_rms, dropout_p, seed, x_dtype, has_residual, res_dtype
         )
         return (
             dx,
@@ -152,9 +160,8 @@ def add_norm_rows(
     residual_in_fp32: bool,
 ) -> tuple[Tensor, Tensor]:
     """Add + normalize over the trailing ``n`` elements (arguments already validated). Returns (y, s) like x."""
-    rows = as_rows(x, n)
-    res = as_rows(residual, n) if residual is not None else None
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    y, s = AddNormFunction.apply(rows, res, w, b, float(eps), is_rms, float(dropout_p), int(seed), residual_in_fp32)
-    return y.view(x.shape), s.view(x.shape)
+    rows = x if is_rows(x, n) else as_rows(x, n)
+    res = None if residual is None else residual if is_rows(residual, n) else as_rows(residual, n)
+    w, b = as_vector(weight, n), as_vector(bias, n)
+    y, s = AddNormFunction.call(rows, res, w, b, float(eps), is_rms, float(dropout_p), int(seed), residual_in_fp32)
+    return (y, s) if rows is x else (y.view_as(x), s.view_as(x))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, acc_dtype
+from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -39,7 +39,7 @@ def _like_x(out: Tensor, x: Tensor) -> Tensor:
     return fixed
 
 
-@torch.library.custom_op("fusednorm::batch_norm_stats", mutates_args=())
+@custom_op("fusednorm::batch_norm_stats")
 def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean (C,) and M2 = sum((x - mean)^2) (C,) of x (N, C, *spatial), acc dtype.
 
@@ -57,7 +57,7 @@ def _(x):
     return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
 
 
-@torch.library.custom_op("fusednorm::batch_norm_apply", mutates_args=())
+@custom_op("fusednorm::batch_norm_apply")
 def batch_norm_apply(
     x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 ) -> Tensor:
@@ -74,7 +74,7 @@ def _(x, mean, rstd, weight, bias):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fusednorm::batch_norm_bwd_reduce", mutates_args=())
+@custom_op("fusednorm::batch_norm_bwd_reduce")
 def batch_norm_bwd_reduce(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel sum(dy) and sum(dy * xhat), xhat = (x - mean) * rstd; both (C,) acc dtype."""
     if x.numel() == 0:
@@ -90,7 +90,7 @@ def _(dy, x, mean, rstd):
     return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
 
 
-@torch.library.custom_op("fusednorm::batch_norm_bwd_dx", mutates_args=())
+@custom_op("fusednorm::batch_norm_bwd_dx")
 def batch_norm_bwd_dx(
     dy: Tensor,
     x: Tensor,
@@ -136,15 +136,19 @@ def update_running_stats(
             if buf is None:
                 continue
             weight = momentum.to(device=buf.device, dtype=buf.dtype) if isinstance(momentum, Tensor) else momentum
+            stat = stat.to(buf.dtype)
+            if stat.shape != buf.shape:  # a (C,) buffer needs no view (a view costs ~1-2 us on small tensors)
+                stat = stat.view(buf.shape)
             # Not lerp_: r + m * (s - r) turns an infinite running value into NaN, torch's form keeps it.
-            buf.mul_(1 - weight).add_(stat.to(buf.dtype).view(buf.shape) * weight)
+            buf.mul_(1 - weight).add_(stat * weight)
 
 
 # ---- autograd --------------------------------------------------------------------------------------------
 
 
 def _channel_vector(t: Tensor | None, c: int) -> Tensor | None:
-    return None if t is None else t.reshape(c)
+    # validated to hold c elements: 1-D means (c,) already (a reshape would cost a view, ~1 us)
+    return t if t is None or t.dim() == 1 else t.reshape(c)
 
 
 class BatchNormFunction(BackendPinnedFunction):
@@ -166,16 +170,16 @@ class BatchNormFunction(BackendPinnedFunction):
         count = x.numel() // c if c else 0
         acc = acc_dtype(x.dtype)
         if training:
-            mean, m2 = torch.ops.fusednorm.batch_norm_stats(x)
+            mean, m2 = call_op(batch_norm_stats, x)
             if count > 0:
-                rstd = torch.rsqrt(m2 / count + eps)
+                rstd = (m2 / count).add_(eps).rsqrt_()  # rsqrt(m2 / count + eps) without two temporaries
                 update_running_stats(running_mean, running_var, mean, m2, count, momentum)
             else:  # empty batch: nothing to normalize, buffers untouched (torch)
                 rstd = torch.zeros_like(m2)
         else:
-            mean = running_mean.reshape(c).to(acc)
-            rstd = torch.rsqrt(running_var.reshape(c).to(acc) + eps)
-        y = torch.ops.fusednorm.batch_norm_apply(x, mean, rstd, weight, bias)
+            mean = _channel_vector(running_mean, c).to(acc)
+            rstd = (_channel_vector(running_var, c).to(acc) + eps).rsqrt_()
+        y = call_op(batch_norm_apply, x, mean, rstd, weight, bias)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.count, ctx.training = count, training
         return y
@@ -186,12 +190,12 @@ class BatchNormFunction(BackendPinnedFunction):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if (need_x and ctx.training) or need_w or need_b:
-            sum_dy, sum_dy_xhat = torch.ops.fusednorm.batch_norm_bwd_reduce(dy, x, mean, rstd)
+            sum_dy, sum_dy_xhat = call_op(batch_norm_bwd_reduce, dy, x, mean, rstd)
         else:
             sum_dy = sum_dy_xhat = mean.new_empty(0)
         if need_x:
-            dx = torch.ops.fusednorm.batch_norm_bwd_dx(
-                dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, ctx.count, ctx.training
+            dx = call_op(
+                batch_norm_bwd_dx, dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, ctx.count, ctx.training
             )
         if need_w:
             dw = sum_dy_xhat.to(weight.dtype)
@@ -212,7 +216,7 @@ def batch_norm_nd(
 ) -> Tensor:
     """BatchNorm of x (N, C, *spatial) with validated arguments (see ``fusednorm.functional.batch_norm``)."""
     c = x.shape[1]
-    return BatchNormFunction.apply(
+    return BatchNormFunction.call(
         x, _channel_vector(weight, c), _channel_vector(bias, c), running_mean, running_var, bool(training),
         momentum, float(eps),
     )

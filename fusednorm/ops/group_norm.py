@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import (
+    BackendPinnedFunction,
+    absent_like,
+    acc_dtype,
+    call_op,
+    custom_op,
+    grad_or_empty,
+    none_if_absent,
+)
 
 ACTIVATIONS = ("none", "silu")
 
@@ -45,7 +53,7 @@ def _group_var_fallback(x: Tensor, num_groups: int) -> Tensor:
     return xf.var(dim=2, unbiased=False)
 
 
-@torch.library.custom_op("fusednorm::group_norm_fwd", mutates_args=())
+@custom_op("fusednorm::group_norm_fwd")
 def group_norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float, activation: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -63,7 +71,7 @@ def _(x, weight, bias, num_groups, eps, activation):
     return _empty_out(x), stats, x.new_empty((x.shape[0], num_groups), dtype=acc)
 
 
-@torch.library.custom_op("fusednorm::group_norm_fwd_var", mutates_args=())
+@custom_op("fusednorm::group_norm_fwd_var")
 def group_norm_fwd_var(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int, eps: float, activation: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -87,7 +95,7 @@ def _(x, weight, bias, num_groups, eps, activation):
     return _empty_out(x), x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc)
 
 
-@torch.library.custom_op("fusednorm::group_norm_bwd", mutates_args=())
+@custom_op("fusednorm::group_norm_bwd")
 def group_norm_bwd(
     dy: Tensor,
     x: Tensor,
@@ -136,9 +144,9 @@ class GroupNormFunction(BackendPinnedFunction):
         with_var: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         if with_var:
-            y, mean, rstd, var = torch.ops.fusednorm.group_norm_fwd_var(x, weight, bias, num_groups, eps, activation)
+            y, mean, rstd, var = call_op(group_norm_fwd_var, x, weight, bias, num_groups, eps, activation)
         else:
-            y, mean, rstd = torch.ops.fusednorm.group_norm_fwd(x, weight, bias, num_groups, eps, activation)
+            y, mean, rstd = call_op(group_norm_fwd, x, weight, bias, num_groups, eps, activation)
             var = mean.new_empty(0)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.activation = num_groups, activation
@@ -150,8 +158,8 @@ class GroupNormFunction(BackendPinnedFunction):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x)
-        dx, dw, db = torch.ops.fusednorm.group_norm_bwd(
-            dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation
+        dx, dw, db = call_op(
+            group_norm_bwd, dy, x, weight, bias, mean, rstd, ctx.num_groups, ctx.activation
         )
         return (dx, none_if_absent(dw, weight is not None), none_if_absent(db, bias is not None),
                 None, None, None, None)
@@ -173,7 +181,7 @@ def group_norm_nd(
     """
     if x.numel() > 0 and not _addressable(x):
         x = x.contiguous(memory_format=_memory_format(x))
-    return GroupNormFunction.apply(x, weight, bias, int(num_groups), float(eps), activation, with_var)
+    return GroupNormFunction.call(x, weight, bias, int(num_groups), float(eps), activation, with_var)
 
 
 def _addressable(x: Tensor) -> bool:

@@ -12,10 +12,18 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import (
+    BackendPinnedFunction,
+    absent_like,
+    acc_dtype,
+    call_op,
+    custom_op,
+    grad_or_empty,
+    none_if_absent,
+)
 
 
-@torch.library.custom_op("fusednorm::layer_norm_fwd", mutates_args=())
+@custom_op("fusednorm::layer_norm_fwd")
 def layer_norm_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -36,7 +44,7 @@ def _(x, weight, bias, eps, is_rms):
     return x.new_empty(x.shape), x.new_empty((0 if is_rms else m,), dtype=acc), x.new_empty((m,), dtype=acc)
 
 
-@torch.library.custom_op("fusednorm::layer_norm_bwd", mutates_args=())
+@custom_op("fusednorm::layer_norm_bwd")
 def layer_norm_bwd(
     dy: Tensor,
     x: Tensor,
@@ -68,7 +76,7 @@ class LayerNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool) -> Tensor:
-        y, mean, rstd = torch.ops.fusednorm.layer_norm_fwd(x, weight, bias, eps, is_rms)
+        y, mean, rstd = call_op(layer_norm_fwd, x, weight, bias, eps, is_rms)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.is_rms = is_rms
         return y
@@ -78,7 +86,7 @@ class LayerNormFunction(BackendPinnedFunction):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if dy.stride(-1) != 1:  # kernels need contiguous rows; autograd may hand us an expanded gradient
             dy = dy.contiguous()
-        dx, dw, db = torch.ops.fusednorm.layer_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.is_rms)
+        dx, dw, db = call_op(layer_norm_bwd, dy, x, weight, bias, mean, rstd, ctx.is_rms)
         return dx, none_if_absent(dw, weight is not None), none_if_absent(db, bias is not None), None, None
 
 
@@ -102,7 +110,18 @@ def layer_norm_rows(
     x: Tensor, n: int, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool
 ) -> Tensor:
     """Normalize ``x`` over its trailing ``n`` elements (already validated). Returns a tensor shaped like x."""
-    rows = as_rows(x, n)
-    w = weight.reshape(n) if weight is not None else None
-    b = bias.reshape(n) if bias is not None else None
-    return LayerNormFunction.apply(rows, w, b, float(eps), is_rms).view(x.shape)
+    rows = x if is_rows(x, n) else as_rows(x, n)
+    y = LayerNormFunction.call(rows, as_vector(weight, n), as_vector(bias, n), float(eps), is_rms)
+    return y if rows is x else y.view_as(x)
+
+
+def is_rows(x: Tensor, n: int) -> bool:
+    """True when ``x`` already is what ``as_rows(x, n)`` makes of it: 2-D, rows of ``n``, contiguous.
+
+    Checked first because a view costs ~1 us on the CPU, which matters for small tensors (issue #5)."""
+    return x.dim() == 2 and x.shape[1] == n and x.is_contiguous()
+
+
+def as_vector(p: Tensor | None, n: int) -> Tensor | None:
+    """A validated parameter of ``n`` elements as shape (n,) (no new view when it already is 1-D)."""
+    return p if p is None or p.dim() == 1 else p.reshape(n)

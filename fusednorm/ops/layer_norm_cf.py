@@ -13,10 +13,18 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, absent_like, acc_dtype, grad_or_empty, none_if_absent
+from fusednorm.ops import (
+    BackendPinnedFunction,
+    absent_like,
+    acc_dtype,
+    call_op,
+    custom_op,
+    grad_or_empty,
+    none_if_absent,
+)
 
 
-@torch.library.custom_op("fusednorm::layer_norm_cf_fwd", mutates_args=())
+@custom_op("fusednorm::layer_norm_cf_fwd")
 def layer_norm_cf_fwd(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,7 +45,7 @@ def _(x, weight, bias, eps):
     return torch.empty_like(x), x.new_empty((n, p), dtype=acc), x.new_empty((n, p), dtype=acc)
 
 
-@torch.library.custom_op("fusednorm::layer_norm_cf_bwd", mutates_args=())
+@custom_op("fusednorm::layer_norm_cf_bwd")
 def layer_norm_cf_bwd(
     dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -62,14 +70,14 @@ class LayerNormCFFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-        y, mean, rstd = torch.ops.fusednorm.layer_norm_cf_fwd(x, weight, bias, eps)
+        y, mean, rstd = call_op(layer_norm_cf_fwd, x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.fusednorm.layer_norm_cf_bwd(dy, x, weight, bias, mean, rstd)
+        dx, dw, db = call_op(layer_norm_cf_bwd, dy, x, weight, bias, mean, rstd)
         return dx, none_if_absent(dw, weight is not None), none_if_absent(db, bias is not None), None
 
 
@@ -85,8 +93,11 @@ def _as_ncp(x: Tensor) -> Tensor:
 
 def layer_norm_channels_first(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Normalize (N, C, *spatial) over C at every position (arguments validated). Returns x's shape and format."""
-    y = LayerNormCFFunction.apply(_as_ncp(x), weight, bias, float(eps))
+    x3 = x if x.dim() == 3 else _as_ncp(x)
+    y = LayerNormCFFunction.call(x3, weight, bias, float(eps))
+    if x3 is x:
+        return y
     try:
-        return y.view(x.shape)
+        return y.view_as(x)
     except RuntimeError:
         return y.reshape(x.shape)

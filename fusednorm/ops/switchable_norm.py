@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, acc_dtype
+from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op
 
 
 def _merge_equal(mean: Tensor, mean_lo: Tensor, m2: Tensor, count: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,7 +59,7 @@ def _offsets(wm: Tensor, mean_in: Tensor, lo_in: Tensor, mean_ln: Tensor, lo_ln:
     return lo_in, e_ln, e_bn, wm[0] * lo_in + wm[1] * e_ln + wm[2] * e_bn
 
 
-@torch.library.custom_op("fusednorm::switchable_norm_fwd", mutates_args=())
+@custom_op("fusednorm::switchable_norm_fwd")
 def switchable_norm_fwd(
     x: Tensor,
     weight: Tensor,
@@ -132,7 +132,7 @@ def _(x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_b
     return (x.new_empty(x.shape), nc(), nc(), vec(n), vec(n), vec(c), vec(c), nc(), nc(), vec(n), vec(c))
 
 
-@torch.library.custom_op("fusednorm::switchable_norm_bwd", mutates_args=())
+@custom_op("fusednorm::switchable_norm_bwd")
 def switchable_norm_bwd(
     dy: Tensor,
     x: Tensor,
@@ -217,8 +217,9 @@ class SwitchableNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch_stats, eps):
-        out = torch.ops.fusednorm.switchable_norm_fwd(
-            x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch_stats, eps
+        out = call_op(
+            switchable_norm_fwd, x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch_stats,
+            eps,
         )
         y, stats = out[0], out[1:]
         ctx.save_for_backward(x, weight, mean_weight, var_weight, *stats)
@@ -231,8 +232,8 @@ class SwitchableNormFunction(BackendPinnedFunction):
     @staticmethod
     def backward(ctx, dy, _dmean_bn, _dvar_bn):
         x, weight, mean_weight, var_weight, *stats = ctx.saved_tensors
-        dx, dw, db, dmw, dvw = torch.ops.fusednorm.switchable_norm_bwd(
-            dy.contiguous(), x, weight, mean_weight, var_weight, *stats, ctx.use_batch_stats
+        dx, dw, db, dmw, dvw = call_op(
+            switchable_norm_bwd, dy.contiguous(), x, weight, mean_weight, var_weight, *stats, ctx.use_batch_stats
         )
         return dx, dw, db.to(ctx.bias_dtype), dmw, dvw, None, None, None, None
 
@@ -252,7 +253,7 @@ def switchable_norm(
     variance (C,) used (for the caller's running-statistics update)."""
     n, c = x.shape[0], x.shape[1]
     x3 = x.contiguous().view(n, c, -1)
-    y, mean_bn, var_bn = SwitchableNormFunction.apply(
+    y, mean_bn, var_bn = SwitchableNormFunction.call(
         x3, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch_stats, float(eps)
     )
     return y.view(x.shape), mean_bn, var_bn

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, acc_dtype
+from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op
 
 
-@torch.library.custom_op("fusednorm::weight_norm_fwd", mutates_args=())
+@custom_op("fusednorm::weight_norm_fwd")
 def weight_norm_fwd(v: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     """v: (O, K) contiguous, g: (O,). Returns w (O, K) v.dtype and norm (O,) acc dtype."""
     if v.numel() == 0:
@@ -29,7 +29,7 @@ def _(v, g):
     return v.new_empty(v.shape), v.new_empty((v.shape[0],), dtype=acc_dtype(v.dtype))
 
 
-@torch.library.custom_op("fusednorm::weight_norm_bwd", mutates_args=())
+@custom_op("fusednorm::weight_norm_bwd")
 def weight_norm_bwd(dw: Tensor, v: Tensor, g: Tensor, norm: Tensor) -> tuple[Tensor, Tensor]:
     """Returns dv (O, K) v.dtype and dg (O,) g.dtype."""
     if v.numel() == 0:
@@ -47,14 +47,14 @@ class WeightNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, v: Tensor, g: Tensor) -> Tensor:
-        w, norm = torch.ops.fusednorm.weight_norm_fwd(v, g)
+        w, norm = call_op(weight_norm_fwd, v, g)
         ctx.save_for_backward(v, g, norm)
         return w
 
     @staticmethod
     def backward(ctx, dw: Tensor):
         v, g, norm = ctx.saved_tensors
-        dv, dg = torch.ops.fusednorm.weight_norm_bwd(dw.contiguous(), v, g, norm)
+        dv, dg = call_op(weight_norm_bwd, dw.contiguous(), v, g, norm)
         return dv, dg
 
 
@@ -64,12 +64,12 @@ def weight_norm_apply(v: Tensor, g: Tensor, dim: int) -> Tensor:
     g has ``torch.norm_except_dim(v, 2, dim)``'s shape (or any shape with as many elements).
     """
     if dim == -1 or v.dim() == 0:
-        w = WeightNormFunction.apply(v.contiguous().reshape(1, v.numel()), g.reshape(1))
+        w = WeightNormFunction.call(v.contiguous().reshape(1, v.numel()), g.reshape(1))
         return w.reshape(v.shape)
     dim = dim % v.dim()
     moved = v.movedim(dim, 0) if dim != 0 else v
     o = moved.shape[0]
     # explicit K (not -1): an empty v (O = 0) has no inferable row length
-    w = WeightNormFunction.apply(moved.contiguous().reshape(o, math.prod(moved.shape[1:])), g.reshape(o))
+    w = WeightNormFunction.call(moved.contiguous().reshape(o, math.prod(moved.shape[1:])), g.reshape(o))
     w = w.reshape(moved.shape)
     return w.movedim(0, dim) if dim != 0 else w
