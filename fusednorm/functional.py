@@ -18,7 +18,7 @@ from fusednorm.ops.batch_norm import batch_norm_nd
 from fusednorm.ops.group_norm import group_norm_nd, spatial_numel
 from fusednorm.ops.layer_norm import layer_norm_rows
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 # ==== shared validation ==================================================================================
 
@@ -34,8 +34,9 @@ def check_floating(name: str, t: Tensor | None, what: str = "input") -> None:
 
 def check_same_device(name: str, input: Tensor, **others: Tensor | None) -> None:
     """Raise torch's device-mismatch error when a parameter lives on another device than ``input``."""
+    device = input.device
     for what, t in others.items():
-        if t is not None and t.device != input.device:
+        if t is not None and t.device != device:
             raise RuntimeError(
                 f"{name}: expected all tensors to be on the same device, but found at least two devices, "
                 f"{input.device} (input) and {t.device} ({what})!"
@@ -64,7 +65,7 @@ def _shape_list(shape: Sequence[int]) -> str:
 def _normalized_shape(normalized_shape: int | Sequence[int] | torch.Size) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
-    return tuple(int(s) for s in normalized_shape)
+    return tuple(map(int, normalized_shape))
 
 
 def _check_row_norm(
@@ -78,17 +79,18 @@ def _check_row_norm(
             "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
             f"but got normalized_shape = {_shape_list(shape)}"
         )
-    if weight is not None and tuple(weight.shape) != shape:
+    # torch.Size compares equal to a tuple of the same ints (no tuple() copies: this runs on every call)
+    if weight is not None and weight.shape != shape:
         raise RuntimeError(
             "Expected weight to be of same shape as normalized_shape, but got weight of shape "
             f"{_shape_list(weight.shape)} and normalized_shape = {_shape_list(shape)}"
         )
-    if bias is not None and tuple(bias.shape) != shape:
+    if bias is not None and bias.shape != shape:
         raise RuntimeError(
             "Expected bias to be of same shape as normalized_shape, but got bias of shape "
             f"{_shape_list(bias.shape)} and normalized_shape = {_shape_list(shape)}"
         )
-    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+    if input.dim() < len(shape) or input.shape[input.dim() - len(shape):] != shape:
         star = "*" if rms else "*, "
         raise RuntimeError(
             f"Given normalized_shape={_shape_list(shape)}, expected input with shape "

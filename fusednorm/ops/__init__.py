@@ -93,23 +93,44 @@ def _plain_mode() -> bool:
     )
 
 
+def _plain_args(args: Sequence[Any], grad: bool) -> bool:
+    """True when every tensor in ``args`` is a plain ``torch.Tensor`` (or Parameter) off the meta device (meta
+    tensors go to the fake impl), and, if ``grad``, none requires grad."""
+    for a in args:
+        t = type(a)
+        if t in _PLAIN_TENSOR_TYPES:
+            if a.is_meta or (grad and a.requires_grad):
+                return False
+        elif t not in _NON_TENSOR_TYPES and isinstance(a, Tensor):  # a subclass (FakeTensor, DTensor, ...)
+            return False
+    return True
+
+
+# Argument types that are known not to be tensors: skips the (slower) isinstance check for the common ones.
+_NON_TENSOR_TYPES = frozenset({type(None), bool, int, float, str, torch.dtype})
+
+
 def plain_eager(args: Sequence[Any]) -> bool:
     """True when a call with ``args`` may skip the dispatcher: plain eager mode (see above) and every tensor in
     ``args`` a plain ``torch.Tensor`` (or Parameter) that is not on the meta device (meta goes to the fake impl)."""
-    if not _plain_mode():
-        return False
-    for a in args:
-        if isinstance(a, Tensor) and (type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta):
-            return False
-    return True
+    return _plain_mode() and _plain_args(args, False)
 
 
 def call_op(op: Any, *args: Any) -> Any:
     """Call custom op ``op`` (a ``CustomOpDef`` made with ``custom_op``) with positional ``args``: its Python body
     directly in plain eager mode, else through the dispatcher (``torch.ops.fusednorm.<name>``)."""
-    if plain_eager(args):
+    if _plain_mode() and _plain_args(args, False):
         return _EAGER_IMPLS[op](*args)
     return op(*args)
+
+
+def forward_op(ctx: Any, op: Any, *args: Any) -> Any:
+    """``call_op`` for use inside ``BackendPinnedFunction.forward``: when ``call`` runs the forward without
+    autograd it has already checked plain eager mode and the tensor arguments (the op's arguments come from them
+    or from plain torch ops on them), so the body runs directly without checking again."""
+    if type(ctx) is _InferenceCtx:
+        return _EAGER_IMPLS[op](*args)
+    return call_op(op, *args)
 
 
 class _InferenceCtx:
@@ -162,12 +183,6 @@ class BackendPinnedFunction(torch.autograd.Function):
         """``cls.apply(*args)``, or, in plain eager mode when no gradient can be needed (grad mode off or no
         tensor argument requiring grad, no forward-AD level), ``forward`` run directly: the same outputs (and the
         same in-place running-statistics updates) without building an autograd node."""
-        if not _plain_mode() or _forward_ad._current_level >= 0:
-            return cls.apply(*args)
-        grad = torch.is_grad_enabled()
-        for a in args:
-            if isinstance(a, Tensor) and (
-                type(a) not in _PLAIN_TENSOR_TYPES or a.is_meta or (grad and a.requires_grad)
-            ):
-                return cls.apply(*args)
-        return cls._plain_forward(_InferenceCtx(), *args)
+        if _forward_ad._current_level < 0 and _plain_mode() and _plain_args(args, torch.is_grad_enabled()):
+            return cls._plain_forward(_InferenceCtx(), *args)
+        return cls.apply(*args)

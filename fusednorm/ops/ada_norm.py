@@ -17,6 +17,7 @@ from fusednorm.ops import (
     acc_dtype,
     call_op,
     custom_op,
+    forward_op,
     grad_or_empty,
     none_if_absent,
 )
@@ -83,7 +84,7 @@ class AdaNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x, scale, shift, weight, bias, eps, is_rms):
-        y, mean, rstd = call_op(ada_norm_fwd, x, scale, shift, weight, bias, eps, is_rms)
+        y, mean, rstd = forward_op(ctx, ada_norm_fwd, x, scale, shift, weight, bias, eps, is_rms)
         ctx.save_for_backward(x, scale, shift, weight, bias, mean, rstd)
         ctx.is_rms = is_rms
         return y

@@ -19,6 +19,7 @@ from fusednorm.ops import (
     acc_dtype,
     call_op,
     custom_op,
+    forward_op,
     grad_or_empty,
     none_if_absent,
 )
@@ -116,8 +117,8 @@ class AddNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32):
-        y, s, mean, rstd = call_op(
-            add_norm_fwd, x, residual, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32
+        y, s, mean, rstd = forward_op(
+            ctx, add_norm_fwd, x, residual, weight, bias, eps, is_rms, dropout_p, seed, residual_in_fp32
         )
         ctx.save_for_backward(s, weight, bias, mean, rstd)
         res_dtype = residual.dtype if residual is not None else x.dtype

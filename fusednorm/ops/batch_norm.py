@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op
+from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op, forward_op
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -170,7 +170,7 @@ class BatchNormFunction(BackendPinnedFunction):
         count = x.numel() // c if c else 0
         acc = acc_dtype(x.dtype)
         if training:
-            mean, m2 = call_op(batch_norm_stats, x)
+            mean, m2 = forward_op(ctx, batch_norm_stats, x)
             if count > 0:
                 rstd = (m2 / count).add_(eps).rsqrt_()  # rsqrt(m2 / count + eps) without two temporaries
                 update_running_stats(running_mean, running_var, mean, m2, count, momentum)
@@ -179,7 +179,7 @@ class BatchNormFunction(BackendPinnedFunction):
         else:
             mean = _channel_vector(running_mean, c).to(acc)
             rstd = (_channel_vector(running_var, c).to(acc) + eps).rsqrt_()
-        y = call_op(batch_norm_apply, x, mean, rstd, weight, bias)
+        y = forward_op(ctx, batch_norm_apply, x, mean, rstd, weight, bias)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.count, ctx.training = count, training
         return y

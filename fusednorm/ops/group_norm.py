@@ -22,6 +22,7 @@ from fusednorm.ops import (
     acc_dtype,
     call_op,
     custom_op,
+    forward_op,
     grad_or_empty,
     none_if_absent,
 )
@@ -144,9 +145,9 @@ class GroupNormFunction(BackendPinnedFunction):
         with_var: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         if with_var:
-            y, mean, rstd, var = call_op(group_norm_fwd_var, x, weight, bias, num_groups, eps, activation)
+            y, mean, rstd, var = forward_op(ctx, group_norm_fwd_var, x, weight, bias, num_groups, eps, activation)
         else:
-            y, mean, rstd = call_op(group_norm_fwd, x, weight, bias, num_groups, eps, activation)
+            y, mean, rstd = forward_op(ctx, group_norm_fwd, x, weight, bias, num_groups, eps, activation)
             var = mean.new_empty(0)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.activation = num_groups, activation

@@ -18,6 +18,7 @@ from fusednorm.ops import (
     acc_dtype,
     call_op,
     custom_op,
+    forward_op,
     grad_or_empty,
     none_if_absent,
 )
@@ -76,7 +77,7 @@ class LayerNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool) -> Tensor:
-        y, mean, rstd = call_op(layer_norm_fwd, x, weight, bias, eps, is_rms)
+        y, mean, rstd = forward_op(ctx, layer_norm_fwd, x, weight, bias, eps, is_rms)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.is_rms = is_rms
         return y

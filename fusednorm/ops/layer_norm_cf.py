@@ -19,6 +19,7 @@ from fusednorm.ops import (
     acc_dtype,
     call_op,
     custom_op,
+    forward_op,
     grad_or_empty,
     none_if_absent,
 )
@@ -70,7 +71,7 @@ class LayerNormCFFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-        y, mean, rstd = call_op(layer_norm_cf_fwd, x, weight, bias, eps)
+        y, mean, rstd = forward_op(ctx, layer_norm_cf_fwd, x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return y
 

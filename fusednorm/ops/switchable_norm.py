@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op
+from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op, forward_op
 
 
 def _merge_equal(mean: Tensor, mean_lo: Tensor, m2: Tensor, count: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -217,9 +217,9 @@ class SwitchableNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch_stats, eps):
-        out = call_op(
-            switchable_norm_fwd, x, weight, bias, mean_weight, var_weight, running_mean, running_var, use_batch_stats,
-            eps,
+        out = forward_op(
+            ctx, switchable_norm_fwd, x, weight, bias, mean_weight, var_weight, running_mean, running_var,
+            use_batch_stats, eps,
         )
         y, stats = out[0], out[1:]
         ctx.save_for_backward(x, weight, mean_weight, var_weight, *stats)

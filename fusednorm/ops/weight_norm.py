@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op
+from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op, forward_op
 
 
 @custom_op("fusednorm::weight_norm_fwd")
@@ -47,7 +47,7 @@ class WeightNormFunction(BackendPinnedFunction):
 
     @staticmethod
     def forward(ctx, v: Tensor, g: Tensor) -> Tensor:
-        w, norm = call_op(weight_norm_fwd, v, g)
+        w, norm = forward_op(ctx, weight_norm_fwd, v, g)
         ctx.save_for_backward(v, g, norm)
         return w
 

@@ -1,0 +1,382 @@
+"""The eager fast path of the op layer (issue #5): ``call_op`` runs a custom op's Python body without the
+torch.library dispatcher, and ``BackendPinnedFunction.call`` runs ``forward`` without ``autograd.Function.apply``
+when no gradient can be needed (see ``fusednorm/ops/__init__.py``).
+
+Checked here, by counting calls (not by timing):
+- plain eager calls of every family take the fast path (no dispatcher call; no autograd node without grad);
+- torch.compile, FakeTensorMode, a TorchDispatchMode, a torch-function mode, vmap, tensor subclasses and meta
+  tensors take the dispatcher path, with correct results;
+- outputs, gradients and running statistics are bit-identical between the fast and the slow path.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch._library.custom_ops import CustomOpDef
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusednorm.functional as F
+import fusednorm.modules as fm
+from fusednorm import ops
+from fusednorm.ops import BackendPinnedFunction
+
+
+class Spy:
+    """Counts fast-path op bodies, dispatcher calls made by ``call_op`` and ``autograd.Function.apply`` calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, calls: bool = True) -> None:
+        self.fast: Counter[str] = Counter()
+        self.dispatch: Counter[str] = Counter()
+        self.apply = 0
+        for op, body in list(ops._EAGER_IMPLS.items()):
+            monkeypatch.setitem(ops._EAGER_IMPLS, op, self._counting(op._name, body))
+        if not calls:  # count op bodies only (dynamo must not trace patched torch internals)
+            return
+        real_call = CustomOpDef.__call__
+
+        def counting_call(op, *args, **kwargs):
+            self.dispatch[op._name] += 1
+            return real_call(op, *args, **kwargs)
+
+        monkeypatch.setattr(CustomOpDef, "__call__", counting_call)
+        real_apply = torch.autograd.Function.apply.__func__
+
+        def counting_apply(cls, *args):
+            self.apply += 1
+            return real_apply(cls, *args)
+
+        monkeypatch.setattr(BackendPinnedFunction, "apply", classmethod(counting_apply))
+
+    def _counting(self, name: str, body: Callable) -> Callable:
+        def run(*args):
+            self.fast[name] += 1
+            return body(*args)
+
+        return run
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return Spy(monkeypatch)
+
+
+def _force_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every fast-path check fail, as it does under a mode or a transform: the pre-fast-path behaviour."""
+    monkeypatch.setattr(ops, "_plain_mode", lambda: False)
+
+
+# ---- one case per family: (inputs maker, call) ---------------------------------------------------------------
+# Each maker returns (differentiable inputs, other inputs); each call returns a tuple of outputs. Odd sizes,
+# random parameters (never ones/zeros only).
+
+
+def _rand(*shape):
+    return torch.randn(*shape, dtype=torch.float32)
+
+
+def _ln():
+    return [_rand(3, 5, 37), _rand(37), _rand(37)], []
+
+
+def _rms():
+    return [_rand(3, 5, 37), _rand(37)], []
+
+
+def _gn():
+    return [_rand(3, 6, 5, 7), _rand(6), _rand(6)], []
+
+
+def _bn():
+    return [_rand(4, 6, 5, 3), _rand(6), _rand(6)], [_rand(6), _rand(6).abs() + 0.5]
+
+
+def _inorm():
+    return [_rand(3, 6, 5, 7), _rand(6), _rand(6)], [_rand(6), _rand(6).abs() + 0.5]
+
+
+def _add():
+    return [_rand(3, 5, 37), _rand(3, 5, 37), _rand(37), _rand(37)], []
+
+
+def _cf():
+    return [_rand(2, 7, 5, 3), _rand(7), _rand(7)], []
+
+
+def _ada():
+    return [_rand(2, 5, 37), _rand(2, 37), _rand(2, 37), _rand(37), _rand(37)], []
+
+
+def _wn():
+    return [_rand(7, 3, 5), _rand(7, 1, 1)], []
+
+
+def _sn():
+    return [_rand(3, 6, 5, 4), _rand(6), _rand(6), _rand(3), _rand(3)], [_rand(6), _rand(6).abs() + 0.5]
+
+
+CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
+    # name: (maker, call(diff, other), ops the fast path must run)
+    "layer_norm": (_ln, lambda d, o: (F.layer_norm(d[0], (37,), d[1], d[2]),), ("layer_norm_fwd",)),
+    "layer_norm_2d_shape": (
+        _ln, lambda d, o: (F.layer_norm(d[0], (5, 37), None, None),), ("layer_norm_fwd",)
+    ),
+    "rms_norm": (_rms, lambda d, o: (F.rms_norm(d[0], (37,), d[1]),), ("layer_norm_fwd",)),
+    "group_norm_silu": (
+        _gn, lambda d, o: (F.group_norm(d[0], 3, d[1], d[2], activation="silu"),), ("group_norm_fwd",)
+    ),
+    "instance_norm": (
+        _inorm, lambda d, o: (F.instance_norm(d[0], o[0], o[1], d[1], d[2], momentum=0.3), o[0], o[1]),
+        ("group_norm_fwd_var",),
+    ),
+    "batch_norm_train": (
+        _bn, lambda d, o: (F.batch_norm(d[0], o[0], o[1], d[1], d[2], True, 0.3), o[0], o[1]),
+        ("batch_norm_stats", "batch_norm_apply"),
+    ),
+    "batch_norm_eval": (
+        _bn, lambda d, o: (F.batch_norm(d[0], o[0], o[1], d[1], d[2], False),), ("batch_norm_apply",)
+    ),
+    "add_layer_norm": (
+        _add, lambda d, o: F.add_layer_norm(d[0], d[1], d[2], d[3], prenorm=True), ("add_norm_fwd",)
+    ),
+    "add_rms_norm_dropout": (
+        _add, lambda d, o: F.add_rms_norm(d[0], d[1], d[2], dropout_p=0.25, prenorm=True), ("add_norm_fwd",)
+    ),
+    "layer_norm_2d": (_cf, lambda d, o: (F.layer_norm_2d(d[0], d[1], d[2]),), ("layer_norm_cf_fwd",)),
+    "adaptive_layer_norm": (
+        _ada, lambda d, o: (F.adaptive_layer_norm(d[0], d[1], d[2], d[3], d[4]),), ("ada_norm_fwd",)
+    ),
+    "weight_norm": (_wn, lambda d, o: (F.weight_norm_fn(d[0], d[1], 0),), ("weight_norm_fwd",)),
+    "switchable_norm_train": (
+        _sn, lambda d, o: (F.switchable_norm(d[0], o[0], o[1], *d[1:], training=True), o[0], o[1]),
+        ("switchable_norm_fwd",),
+    ),
+    "switchable_norm_eval": (
+        _sn, lambda d, o: (F.switchable_norm(d[0], o[0], o[1], *d[1:], training=False),),
+        ("switchable_norm_fwd",),
+    ),
+}
+
+
+def _run(name: str, inputs, grad: bool):
+    """Run case ``name`` on copies of ``inputs``; returns (outputs, gradients of the differentiable inputs)."""
+    _, call, _ = CASES[name]
+    diff, other = inputs
+    diff = [t.clone().requires_grad_(grad) for t in diff]
+    other = [t.clone() for t in other]
+    torch.manual_seed(1234)  # the dropout seed comes from torch's generator
+    outs = call(diff, other)
+    grads: list[torch.Tensor | None] = []
+    if grad:
+        g = torch.Generator().manual_seed(7)
+        loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs if o.requires_grad)
+        loss.backward()
+        grads = [t.grad for t in diff]
+    return [o.detach() for o in outs], grads
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fast_path_taken_and_bit_identical(name, grad, monkeypatch):
+    maker, _, fast_ops = CASES[name]
+    inputs = maker()
+    spy = Spy(monkeypatch)
+    fast_out, fast_grads = _run(name, inputs, grad)
+    for op in fast_ops:
+        assert spy.fast[op] >= 1, (op, spy.fast)
+    assert not spy.dispatch, f"plain eager went through the dispatcher: {spy.dispatch}"
+    if grad:
+        assert spy.apply >= 1  # an autograd node is needed
+    else:
+        assert spy.apply == 0, "no input requires grad: no autograd.Function.apply"
+
+    with monkeypatch.context() as m:
+        _force_slow_path(m)
+        before = sum(spy.fast.values())
+        slow_out, slow_grads = _run(name, inputs, grad)
+        assert sum(spy.fast.values()) == before, "the forced slow path ran an op body directly"
+        assert spy.dispatch, "the slow path must call the custom ops"
+
+    assert len(fast_out) == len(slow_out)
+    for a, b in zip(fast_out, slow_out, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b), "fast and slow path outputs differ"
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b), "fast and slow path gradients differ"
+
+
+def test_no_grad_mode_skips_autograd_even_with_requires_grad(spy):
+    x = torch.randn(4, 9, requires_grad=True)
+    w = torch.randn(9, requires_grad=True)
+    with torch.no_grad():
+        y = F.layer_norm(x, (9,), w)
+    assert spy.apply == 0 and not spy.dispatch and not y.requires_grad
+    with torch.inference_mode():
+        y2 = F.layer_norm(x, (9,), w)
+    assert spy.apply == 0 and torch.equal(y, y2)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (9,), w).detach())
+
+
+def test_modules_with_parameters_take_the_fast_path(spy):
+    ln = fm.LayerNorm(16)
+    bn = fm.BatchNorm2d(6).eval()
+    gn = fm.GroupNorm(3, 6)
+    with torch.no_grad():
+        ln(torch.randn(2, 16))
+        bn(torch.randn(2, 6, 3, 3))
+        gn(torch.randn(2, 6, 3, 3))
+    assert spy.fast["layer_norm_fwd"] == 1
+    assert spy.fast["batch_norm_apply"] == 1
+    assert spy.fast["group_norm_fwd"] == 1
+    assert not spy.dispatch and spy.apply == 0
+    ln(torch.randn(2, 16)).sum().backward()  # Parameters require grad: autograd, but still no dispatcher
+    assert spy.apply == 1 and not spy.dispatch
+    assert ln.weight.grad is not None and spy.fast["layer_norm_bwd"] == 1
+
+
+# ---- where the fast path must not be taken -------------------------------------------------------------------
+
+
+def _ln_ref(x, w, b):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b)
+
+
+def test_not_taken_under_fake_tensor_mode(spy):
+    with FakeTensorMode():
+        x = torch.randn(3, 11)
+        w = torch.randn(11)
+        y = F.layer_norm(x, (11,), w, None)
+        z = F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), training=True)
+    assert y.shape == (3, 11) and z.shape == (2, 4, 3)
+    assert not spy.fast
+    assert spy.dispatch["layer_norm_fwd"] == 1 and spy.dispatch["batch_norm_stats"] == 1
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_not_taken_under_a_dispatch_mode(spy):
+    x, w, b = torch.randn(5, 13), torch.randn(13), torch.randn(13)
+    expected = F.layer_norm(x, (13,), w, b)
+    fast_before = sum(spy.fast.values())
+    with _Recorder() as rec:
+        y = F.layer_norm(x, (13,), w, b)
+    assert sum(spy.fast.values()) == fast_before
+    assert any("fusednorm.layer_norm_fwd" in s for s in rec.seen), rec.seen
+    assert torch.equal(y, expected)
+
+
+class _FunctionRecorder(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_not_taken_under_a_torch_function_mode(spy):
+    x, w = torch.randn(5, 13), torch.randn(13)
+    expected = F.rms_norm(x, (13,), w)
+    fast_before = sum(spy.fast.values())
+    with _FunctionRecorder():
+        y = F.rms_norm(x, (13,), w)
+    assert sum(spy.fast.values()) == fast_before
+    assert spy.dispatch["layer_norm_fwd"] == 1
+    assert torch.equal(y, expected)
+
+
+class _Sub(torch.Tensor):
+    """A trivial subclass: torch's default __torch_function__ keeps the subclass through ops."""
+
+
+def test_not_taken_for_tensor_subclasses(spy):
+    x, w, b = torch.randn(4, 10), torch.randn(10), torch.randn(10)
+    expected = F.layer_norm(x, (10,), w, b)
+    fast_before = sum(spy.fast.values())
+    y = F.layer_norm(x.as_subclass(_Sub), (10,), w, b)
+    assert sum(spy.fast.values()) == fast_before
+    assert spy.dispatch["layer_norm_fwd"] == 1
+    assert torch.equal(y.as_subclass(torch.Tensor), expected)
+
+
+def test_not_taken_for_meta_tensors(spy):
+    y = F.group_norm(torch.empty(2, 6, 4, 4, device="meta"), 3)
+    assert y.device.type == "meta" and y.shape == (2, 6, 4, 4)
+    assert not spy.fast and spy.dispatch["group_norm_fwd"] == 1
+
+
+def test_not_taken_under_vmap(spy):
+    """Under a functorch transform the op goes through the dispatcher (which has no batching rule for it)."""
+    x = torch.randn(3, 4, 8)
+
+    def body(t):
+        return ops.call_op(ops.layer_norm.layer_norm_fwd, t, None, None, 1e-5, False)[0]
+
+    try:
+        y = torch.vmap(body)(x)
+    except RuntimeError:
+        y = None  # no batching rule: an error is fine, running the body on batched tensors silently is not
+    assert not spy.fast and spy.dispatch["layer_norm_fwd"] >= 1
+    if y is not None:
+        assert torch.allclose(y, _ln_ref(x, None, None), rtol=1e-5, atol=1e-5)
+    # The functional's autograd.Function has no vmap rule: it must fail the same way as before the fast path.
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.vmap(lambda t: F.layer_norm(t, (8,)))(x)
+    assert not spy.fast
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
+def test_not_taken_under_torch_compile(grad, monkeypatch):
+    spy = Spy(monkeypatch, calls=False)
+    torch._dynamo.reset()
+    x = torch.randn(6, 20, requires_grad=grad)
+    w = torch.randn(20, requires_grad=grad)
+    xb = torch.randn(4, 5, 3, 3, requires_grad=grad)
+    rm, rv = torch.randn(5), torch.rand(5) + 0.5
+
+    def f(x, w, xb, rm, rv):
+        return F.layer_norm(x, (20,), w, None), F.batch_norm(xb, rm, rv, None, None, True, 0.2)
+
+    rm_e, rv_e = rm.clone(), rv.clone()
+    expected = f(x, w, xb, rm_e, rv_e)
+    fast_eager = sum(spy.fast.values())
+    assert fast_eager > 0
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(x, w, xb, rm, rv)
+    assert sum(spy.fast.values()) == fast_eager, "compiled code ran an op body through the fast path"
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(rm, rm_e) and torch.equal(rv, rv_e)
+    if grad:
+        sum(o.sum() for o in got).backward()
+        assert x.grad is not None and w.grad is not None and xb.grad is not None
+        assert sum(spy.fast.values()) == fast_eager
+    torch._dynamo.reset()
+
+
+def test_plain_eager_predicate():
+    x = torch.randn(2, 2)
+    assert ops.plain_eager((x, 1.0, None, True, torch.float32))
+    assert ops.plain_eager((torch.nn.Parameter(x),))
+    assert not ops.plain_eager((x.as_subclass(_Sub),))
+    assert not ops.plain_eager((torch.empty(2, device="meta"),))
+    with _Recorder():
+        assert not ops.plain_eager((x,))
+    with FakeTensorMode() as mode:
+        assert not ops.plain_eager((mode.from_tensor(x),))
