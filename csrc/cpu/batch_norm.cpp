@@ -27,10 +27,9 @@ void bn_stats_kernel(const at::Tensor& x, Layout layout, at::Tensor& mean, at::T
     std::vector<A> pm(N * C), pm2(N * C);  // [c][n]
     const int64_t grain = std::max<int64_t>(1, 4 * kChunk / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
-      std::vector<A> buf(kChunk);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = p / C, c = p % C;
-        const auto st = stats_contig(xp + p * HW, HW, buf.data());
+        const auto st = stats_contig(xp + p * HW, HW);
         pm[c * N + n] = st.mean();
         pm2[c * N + n] = st.w.m2;
       }
@@ -79,14 +78,19 @@ void bn_apply_kernel(const at::Tensor& x, Layout layout, const at::Tensor& mean,
   }
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
+  using V = Vectorized<A>;
   if (layout == Layout::kNCHW) {
-    nchw_map<T, A>(xp, nullptr, yp, N * C, HW, [&](int64_t p, const A* a, const A*, A* o, int64_t len) {
+    nchw_map<T, A>(xp, nullptr, yp, N * C, HW, [&](int64_t p) {
       const int64_t c = p % C;
-      affine_span(a, o, len, mu[c], A(0), sc[c], sh[c], false);
+      const V vmu(mu[c]), vsc(sc[c]), vsh(sh[c]);
+      return [=](int64_t, int64_t, const V& a, const V&) { return at::vec::fmadd(a - vmu, vsc, vsh); };
     });
   } else {
-    nhwc_map<T, A>(xp, nullptr, yp, N * HW, C, [&](int64_t, const A* a, const A*, A* o) {
-      affine_row(a, o, C, mu.data(), sc.data(), sh.data(), false);
+    const A *mup = mu.data(), *scp = sc.data(), *shp = sh.data();
+    nhwc_map<T, A>(xp, nullptr, yp, N * HW, C, [&](int64_t) {
+      return [=](int64_t j, int64_t k, const V& a, const V&) {
+        return at::vec::fmadd(a - V::loadu(mup + j, k), V::loadu(scp + j, k), V::loadu(shp + j, k));
+      };
     });
   }
 }
@@ -109,21 +113,17 @@ void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layo
     std::vector<A> p1(N * C), p2(N * C);  // [c][n]
     const int64_t grain = std::max<int64_t>(1, 4 * kChunk / std::max<int64_t>(HW, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t q0, int64_t q1) {
-      std::vector<A> bx(kChunk), bdy(kChunk);
       for (int64_t p = q0; p < q1; ++p) {
         const int64_t n = p / C, c = p % C;
         const V vmu(meanp[c]), vrs(rstdp[c]);
         V a1(A(0)), a2(A(0));
-        for (int64_t off = 0; off < HW; off += kChunk) {
-          const int64_t len = std::min(kChunk, HW - off);
-          const A* ax = acc_view(xp + p * HW + off, bx.data(), len);
-          const A* ady = acc_view(dyp + p * HW + off, bdy.data(), len);
-          for (int64_t j = 0; j < len; j += W) {
-            const int64_t k = std::min<int64_t>(W, len - j);
-            const V d = V::loadu(ady + j, k);  // zero past k: the tail adds nothing
-            a1 = a1 + d;
-            a2 = at::vec::fmadd(d, (V::loadu(ax + j, k) - vmu) * vrs, a2);
-          }
+        const T* px = xp + p * HW;
+        const T* pdy = dyp + p * HW;
+        for (int64_t j = 0; j < HW; j += W) {
+          const int64_t k = std::min<int64_t>(W, HW - j);
+          const V d = load_acc(pdy + j, k);  // zero past k: the tail adds nothing
+          a1 = a1 + d;
+          a2 = at::vec::fmadd(d, (load_acc(px + j, k) - vmu) * vrs, a2);
         }
         p1[c * N + n] = horizontal_sum(a1);
         p2[c * N + n] = horizontal_sum(a2);
@@ -145,11 +145,11 @@ void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layo
     const int64_t tasks = N * nblk;
     std::vector<A> p1(tasks * C), p2(tasks * C);
     nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(), nullptr,
-                            [&](int64_t, const A* ax, const A* ady, A* s1, A* s2, A*) {
+                            [&](int64_t, const T* ax, const T* ady, A* s1, A* s2, A*) {
                               for (int64_t j = 0; j < C; j += W) {
                                 const int64_t k = std::min<int64_t>(W, C - j);
-                                const V d = V::loadu(ady + j, k);
-                                const V xh = (V::loadu(ax + j, k) - V::loadu(meanp + j, k)) * V::loadu(rstdp + j, k);
+                                const V d = load_acc(ady + j, k);
+                                const V xh = (load_acc(ax + j, k) - V::loadu(meanp + j, k)) * V::loadu(rstdp + j, k);
                                 (V::loadu(s1 + j, k) + d).store(s1 + j, k);
                                 at::vec::fmadd(d, xh, V::loadu(s2 + j, k)).store(s2 + j, k);
                               }
@@ -173,7 +173,6 @@ void bn_bwd_dx_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, 
                       const at::Tensor& sum_dy_xhat, int64_t count, bool training, at::Tensor& dx) {
   using A = acc_type<T>;
   using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
   const NCShape shp = nc_shape(x);
   const int64_t N = shp.N, C = shp.C, HW = shp.HW;
   // dx = (dy - a - (x - mu) * bb) * k  with k = rstd * w, a = sum_dy / count, bb = sum_dy_xhat / count * rstd.
@@ -194,33 +193,22 @@ void bn_bwd_dx_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, 
   const T* xp = x.data_ptr<T>();
   const T* dyp = dy.data_ptr<T>();
   T* dxp = dx.data_ptr<T>();
+  // dy is the mapped input and x the second one.
   if (layout == Layout::kNCHW) {
-    nchw_map<T, A>(dyp, xp, dxp, N * C, HW, [&](int64_t p, const A* ady, const A* ax, A* o, int64_t len) {
+    nchw_map<T, A>(dyp, training ? xp : nullptr, dxp, N * C, HW, [&](int64_t p) {
       const int64_t c = p % C;
-      const V vk(k[c]);
-      if (training) {
-        const V vmu(mu[c]), va(a[c]), vbb(bb[c]);
-        for (int64_t j = 0; j < len; j += W) {
-          const int64_t n = std::min<int64_t>(W, len - j);
-          ((V::loadu(ady + j, n) - va - (V::loadu(ax + j, n) - vmu) * vbb) * vk).store(o + j, n);
-        }
-      } else {
-        for (int64_t j = 0; j < len; j += W) {
-          const int64_t n = std::min<int64_t>(W, len - j);
-          (V::loadu(ady + j, n) * vk).store(o + j, n);
-        }
-      }
+      const V vk(k[c]), vmu(mu[c]), va(a[c]), vbb(bb[c]);
+      return [=](int64_t, int64_t, const V& d, const V& xv) {
+        return training ? (d - va - (xv - vmu) * vbb) * vk : d * vk;
+      };
     });
   } else {
-    nhwc_map<T, A>(dyp, xp, dxp, N * HW, C, [&](int64_t, const A* ady, const A* ax, A* o) {
-      for (int64_t j = 0; j < C; j += W) {
-        const int64_t n = std::min<int64_t>(W, C - j);
-        const V d = V::loadu(ady + j, n);
-        V r = training ? d - V::loadu(a.data() + j, n) -
-                             (V::loadu(ax + j, n) - V::loadu(mu.data() + j, n)) * V::loadu(bb.data() + j, n)
-                       : d;
-        (r * V::loadu(k.data() + j, n)).store(o + j, n);
-      }
+    const A *kp = k.data(), *mup = mu.data(), *ap = a.data(), *bbp = bb.data();
+    nhwc_map<T, A>(dyp, training ? xp : nullptr, dxp, N * HW, C, [&](int64_t) {
+      return [=](int64_t j, int64_t n, const V& d, const V& xv) {
+        const V r = training ? d - V::loadu(ap + j, n) - (xv - V::loadu(mup + j, n)) * V::loadu(bbp + j, n) : d;
+        return r * V::loadu(kp + j, n);
+      };
     });
   }
 }

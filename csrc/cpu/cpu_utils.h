@@ -198,6 +198,93 @@ inline void store_pair(T* dst, const Vectorized<float>& lo, const Vectorized<flo
   v.store(dst);
 }
 
+// ---- storage-type vectors converted in registers -------------------------------------------------------
+//
+// Streaming kernels (elementwise maps, one-read reductions) load and store T directly and convert in
+// registers: a detour through an fp32 buffer splits the loop into convert / compute / convert phases, and
+// the memory stream stalls at every phase change (measured: bf16 BatchNorm apply 1.5x slower that way).
+
+// cnt (<= Vectorized<A>::size()) elements of T at p as one Vectorized<A>, zero past cnt.
+template <typename T, typename A = acc_type<T>>
+inline Vectorized<A> load_acc(const T* p, int64_t cnt) {
+  using V = Vectorized<A>;
+  if constexpr (std::is_same_v<T, A>) {
+    return V::loadu(p, cnt);
+  } else {
+    static_assert(std::is_same_v<A, float>, "reduced-precision inputs accumulate in float");
+    if (cnt == V::size()) {
+      V v;
+      at::vec::load_to_float<T>(p, v);
+      return v;
+    }
+    __at_align__ A tmp[V::size()] = {};
+    for (int64_t k = 0; k < cnt; ++k) tmp[k] = static_cast<A>(p[k]);
+    return V::loadu(tmp);
+  }
+}
+
+// Stores the first cnt (<= Vectorized<A>::size()) lanes of v at p as T.
+template <typename T, typename A>
+inline void store_acc(T* p, const Vectorized<A>& v, int64_t cnt) {
+  if constexpr (std::is_same_v<T, A>) {
+    v.store(p, cnt);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (cnt == Vectorized<A>::size()) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+        return;
+      } else if constexpr (std::is_same_v<T, c10::Half>) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_fp16(__m256(v)));
+        return;
+      }
+    }
+#endif
+    __at_align__ A tmp[Vectorized<A>::size()];
+    v.store(tmp);
+    for (int64_t k = 0; k < cnt; ++k) p[k] = static_cast<T>(tmp[k]);
+  }
+}
+
+// Elementwise over [0, n): dst[j] = f(j, cnt, x[j], y[j]) for vectors of cnt lanes starting at j, with x,
+// y (y may be null: zeros are passed) and dst of storage type T, converted in registers; dst streamed
+// when asked. Reduced-precision data goes two vectors (one 32-byte load / store) at a time.
+template <typename T, typename A, typename F>
+inline void map_span(const T* x, const T* y, T* dst, int64_t n, bool stream, const F& f) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, A>) {
+    if (y != nullptr) {
+      for (; j + W <= n; j += W) store_vec(f(j, W, V::loadu(x + j), V::loadu(y + j)), dst + j, W, stream);
+    } else {
+      const V zero(A(0));
+      for (; j + W <= n; j += W) store_vec(f(j, W, V::loadu(x + j), zero), dst + j, W, stream);
+    }
+  } else {
+    static_assert(std::is_same_v<A, float>, "reduced-precision data is computed in float");
+    using bV = Vectorized<T>;
+    if (y != nullptr) {
+      for (; j + 2 * W <= n; j += 2 * W) {
+        auto [xl, xh] = at::vec::convert_to_float<T>(bV::loadu(x + j));
+        auto [yl, yh] = at::vec::convert_to_float<T>(bV::loadu(y + j));
+        store_pair(dst + j, f(j, W, xl, yl), f(j + W, W, xh, yh), stream);
+      }
+    } else {
+      const V zero(A(0));
+      for (; j + 2 * W <= n; j += 2 * W) {
+        auto [xl, xh] = at::vec::convert_to_float<T>(bV::loadu(x + j));
+        store_pair(dst + j, f(j, W, xl, zero), f(j + W, W, xh, zero), stream);
+      }
+    }
+  }
+  for (; j < n; j += W) {
+    const int64_t cnt = std::min<int64_t>(W, n - j);
+    const V vy = y != nullptr ? load_acc<T, A>(y + j, cnt) : V(A(0));
+    store_acc<T, A>(dst + j, f(j, cnt, load_acc<T, A>(x + j, cnt), vy), cnt);
+  }
+}
+
 // Applies f(j, cnt) -> Vectorized<A> (the results for elements [j, j + cnt)) over [0, n) and writes them to
 // dst as T: in place when T == A, else converted two vectors at a time; streamed when asked. Loops are
 // split into full vectors and one tail so the hot loop has no per-vector bounds logic.
@@ -221,14 +308,14 @@ inline void write_row(T* dst, int64_t n, bool stream, const F& f) {
   }
 }
 
-// dst[j] = (((a[j] - shift) - mu) * rs) * w[j] + b[j] as T, with w and / or b optional (null). `a` may alias
-// dst only when T == A.
-template <typename T, typename A>
-inline void normalize_row(const A* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
+// dst[j] = (((a[j] - shift) - mu) * rs) * w[j] + b[j] as T, with w and / or b optional (null); a is of
+// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S.
+template <typename T, typename A, typename S>
+inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
                           bool stream) {
   using V = Vectorized<A>;
   const V vs(shift), vm(mu), vr(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) { return ((V::loadu(a + j, cnt) - vs) - vm) * vr; };
+  auto xhat = [&](int64_t j, int64_t cnt) { return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr; };
   if (w != nullptr && b != nullptr) {
     write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) {
       return at::vec::fmadd(xhat(j, cnt), V::loadu(w + j, cnt), V::loadu(b + j, cnt));
@@ -314,28 +401,31 @@ inline A vdot(const A* p, const A* q, int64_t n) {
   return s;
 }
 
-// sum((p - c)^2)
-template <typename A>
-inline A vsum_sqdev(const A* p, int64_t n, A c) {
+// sum((p - c)^2); p of storage type T, converted in registers.
+template <typename T, typename A>
+inline A vsum_sqdev(const T* p, int64_t n, A c) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V vc(c);
   V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    V d0 = V::loadu(p + i) - vc, d1 = V::loadu(p + i + W) - vc;
-    V d2 = V::loadu(p + i + 2 * W) - vc, d3 = V::loadu(p + i + 3 * W) - vc;
+    V d0 = load_acc(p + i, W) - vc, d1 = load_acc(p + i + W, W) - vc;
+    V d2 = load_acc(p + i + 2 * W, W) - vc, d3 = load_acc(p + i + 3 * W, W) - vc;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
     a2 = at::vec::fmadd(d2, d2, a2);
     a3 = at::vec::fmadd(d3, d3, a3);
   }
   for (; i + W <= n; i += W) {
-    V d = V::loadu(p + i) - vc;
+    V d = load_acc(p + i, W) - vc;
     a0 = at::vec::fmadd(d, d, a0);
   }
   A s = horizontal_sum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += (p[i] - c) * (p[i] - c);
+  for (; i < n; ++i) {
+    const A v = static_cast<A>(p[i]) - c;
+    s += v * v;
+  }
   return s;
 }
 
@@ -350,63 +440,67 @@ struct ShiftedStats {
   A mean() const { return shift + w.mean; }
 };
 
-// sum(p - k)
-template <typename A>
-inline A vsum_shifted(const A* p, int64_t n, A k) {
+// sum(p - k); p of storage type T, converted in registers.
+template <typename T, typename A>
+inline A vsum_shifted(const T* p, int64_t n, A k) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V vk(k);
   V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    a0 += V::loadu(p + i) - vk;
-    a1 += V::loadu(p + i + W) - vk;
-    a2 += V::loadu(p + i + 2 * W) - vk;
-    a3 += V::loadu(p + i + 3 * W) - vk;
+    a0 += load_acc(p + i, W) - vk;
+    a1 += load_acc(p + i + W, W) - vk;
+    a2 += load_acc(p + i + 2 * W, W) - vk;
+    a3 += load_acc(p + i + 3 * W, W) - vk;
   }
-  for (; i + W <= n; i += W) a0 += V::loadu(p + i) - vk;
+  for (; i + W <= n; i += W) a0 += load_acc(p + i, W) - vk;
   A s = horizontal_sum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += p[i] - k;
+  for (; i < n; ++i) s += static_cast<A>(p[i]) - k;
   return s;
 }
 
 // sum(((p - k) - d)^2). Four independent accumulators: the chunk is in L1, so this pass is bound by the
 // FMA latency chain, not by memory.
-template <typename A>
-inline A vsum_sqdev2(const A* p, int64_t n, A k, A d) {
+template <typename T, typename A>
+inline A vsum_sqdev2(const T* p, int64_t n, A k, A d) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V vk(k), vd(d);
   V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    const V d0 = (V::loadu(p + i) - vk) - vd, d1 = (V::loadu(p + i + W) - vk) - vd;
-    const V d2 = (V::loadu(p + i + 2 * W) - vk) - vd, d3 = (V::loadu(p + i + 3 * W) - vk) - vd;
+    const V d0 = (load_acc(p + i, W) - vk) - vd, d1 = (load_acc(p + i + W, W) - vk) - vd;
+    const V d2 = (load_acc(p + i + 2 * W, W) - vk) - vd, d3 = (load_acc(p + i + 3 * W, W) - vk) - vd;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
     a2 = at::vec::fmadd(d2, d2, a2);
     a3 = at::vec::fmadd(d3, d3, a3);
   }
   for (; i + W <= n; i += W) {
-    const V d0 = (V::loadu(p + i) - vk) - vd;
+    const V d0 = (load_acc(p + i, W) - vk) - vd;
     a0 = at::vec::fmadd(d0, d0, a0);
   }
   A s = horizontal_sum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += ((p[i] - k) - d) * ((p[i] - k) - d);
+  for (; i < n; ++i) {
+    const A v = (static_cast<A>(p[i]) - k) - d;
+    s += v * v;
+  }
   return s;
 }
 
 // Exact two-step statistics of one chunk (re-read from L1), relative to shift k.
-template <typename A>
-inline Welford<A, int64_t> chunk_stats(const A* a, int64_t len, A k) {
+template <typename T, typename A>
+inline Welford<A, int64_t> chunk_stats(const T* a, int64_t len, A k) {
   const A d = vsum_shifted(a, len, k) / A(len);
   return welford_from_chunk<A, int64_t>(len, d, vsum_sqdev2(a, len, k, d));
 }
 
-// Statistics of an acc-type array: L1-sized chunks, each exact two-step, Chan-merged in order.
-template <typename A>
-inline ShiftedStats<A> stats_acc(const A* p, int64_t n) {
-  ShiftedStats<A> s{n > 0 ? p[0] : A(0), welford_empty<A, int64_t>()};
+// Statistics of p[0:n] (storage type T, acc type A): L1-sized chunks, each exact two-step, Chan-merged in
+// order.
+template <typename T, typename A = acc_type<T>>
+inline ShiftedStats<A> stats_contig(const T* p, int64_t n) {
+  ShiftedStats<A> s{n > 0 ? static_cast<A>(p[0]) : A(0), welford_empty<A, int64_t>()};
   for (int64_t off = 0; off < n; off += kChunk) {
     const int64_t len = std::min(kChunk, n - off);
     s.w = welford_merge(s.w, chunk_stats(p + off, len, s.shift));
@@ -414,22 +508,18 @@ inline ShiftedStats<A> stats_acc(const A* p, int64_t n) {
   return s;
 }
 
-// The same for storage-type data, converting chunk by chunk into buf (kChunk elements).
-template <typename T, typename A>
-inline ShiftedStats<A> stats_contig(const T* p, int64_t n, A* buf) {
-  ShiftedStats<A> s{n > 0 ? static_cast<A>(p[0]) : A(0), welford_empty<A, int64_t>()};
-  for (int64_t off = 0; off < n; off += kChunk) {
-    const int64_t len = std::min(kChunk, n - off);
-    s.w = welford_merge(s.w, chunk_stats(acc_view(p + off, buf, len), len, s.shift));
-  }
-  return s;
+// The same for an acc-type array.
+template <typename A>
+inline ShiftedStats<A> stats_acc(const A* p, int64_t n) {
+  return stats_contig<A, A>(p, n);
 }
 
 // One row of the LayerNorm / RMSNorm backward (shared by the plain and the residual-add kernels): accumulates
-// dW/dB partials into dwr / dbr (either may be null) and writes dx as T.
+// dW/dB partials into dwr / dbr (either may be null) and writes dx as T. ax / ady are storage-type rows (or
+// acc-type copies), read several times from cache and converted in registers.
 // g = dy * w; dx = (g - xhat * mean(g * xhat) - mean(g)) * rstd (the mean(g) term is absent for RMS).
-template <bool HAS_W, typename T, typename A>
-inline void layer_norm_bwd_row(const A* ax, const A* ady, const A* w, A mu, A rs, bool is_rms, int64_t N, A* dwr,
+template <bool HAS_W, typename SX, typename SD, typename T, typename A>
+inline void layer_norm_bwd_row(const SX* ax, const SD* ady, const A* w, A mu, A rs, bool is_rms, int64_t N, A* dwr,
                                A* dbr, T* dx, bool stream) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -438,9 +528,9 @@ inline void layer_norm_bwd_row(const A* ax, const A* ady, const A* w, A mu, A rs
   // (the row is in cache); xhat = ((x - mean) - e) * rstd removes it (never mean + e, which rounds again).
   const A e = is_rms ? A(0) : vsum_shifted(ax, N, mu) / A(N);
   const V vmu(mu), ve(e), vrs(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) { return ((V::loadu(ax + j, cnt) - vmu) - ve) * vrs; };
+  auto xhat = [&](int64_t j, int64_t cnt) { return ((load_acc<SX, A>(ax + j, cnt) - vmu) - ve) * vrs; };
   auto grad = [&](int64_t j, int64_t cnt) {
-    const V d = V::loadu(ady + j, cnt);  // zero-filled past cnt, so a tail adds nothing to the sums
+    const V d = load_acc<SD, A>(ady + j, cnt);  // zero-filled past cnt, so a tail adds nothing to the sums
     if constexpr (HAS_W) {
       return d * V::loadu(w + j, cnt);
     } else {
@@ -450,7 +540,7 @@ inline void layer_norm_bwd_row(const A* ax, const A* ady, const A* w, A mu, A rs
   // Pass 1: the two row sums, and the dW/dB partials (loops split so the hot one has no bounds logic).
   V s1(A(0)), s2(A(0));
   auto pass1 = [&](int64_t j, int64_t cnt) {
-    const V xh = xhat(j, cnt), d = V::loadu(ady + j, cnt);
+    const V xh = xhat(j, cnt), d = load_acc<SD, A>(ady + j, cnt);
     const V g = HAS_W ? grad(j, cnt) : d;
     s1 = at::vec::fmadd(g, xh, s1);
     s2 = s2 + g;

@@ -39,40 +39,24 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
   const int64_t m = D * HW;  // elements per group
   if (layout == Layout::kNCHW) {
     const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
-    // A reduced-precision group that fits in L2 as floats is converted once (for the statistics) and
-    // normalized from that copy, instead of being converted again in the second pass.
-    constexpr int64_t kGroupCacheElems = 64 * 1024;  // 256 KiB of float
-    const bool cache_group = !std::is_same_v<T, A> && m <= kGroupCacheElems;
     at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<A> buf(cache_group ? m : kChunk);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n = i / G, g = i % G;
         const int64_t base = (n * C + g * D) * HW;
-        if (cache_group) to_acc(xp + base, buf.data(), m);
-        const auto st = cache_group ? stats_acc(buf.data(), m) : stats_contig(xp + base, m, buf.data());
+        const auto st = stats_contig(xp + base, m);
         const A rs = A(1) / std::sqrt(st.w.m2 / A(m) + A(eps));
         meanp[i] = m > 0 ? st.mean() : A(NAN);
         rstdp[i] = rs;
+        // Second pass (the group is still in L2): y = act(((x - k) - mu) * scale + shift).
+        const V vk(st.shift), vmu(st.w.mean);
         for (int64_t cc = 0; cc < D; ++cc) {
           const int64_t c = g * D + cc;
-          const A scale = wp ? rs * wp[c] : rs;
-          const A shift = bp ? bp[c] : A(0);
-          for (int64_t off = 0; off < HW; off += kChunk) {
-            const int64_t len = std::min(kChunk, HW - off);
-            const int64_t pos = base + cc * HW + off;
-            const A* a = cache_group ? buf.data() + (pos - base) : acc_view(xp + pos, buf.data(), len);
-            // y = act(((x - k) - mu) * scale + shift), converted to T in registers.
-            const V vk(st.shift), vmu(st.w.mean), vsc(scale), vsh(shift);
-            if (silu) {
-              write_row<T, A>(yp + pos, len, stream, [&](int64_t j, int64_t cnt) {
-                return vsilu(at::vec::fmadd((V::loadu(a + j, cnt) - vk) - vmu, vsc, vsh));
-              });
-            } else {
-              write_row<T, A>(yp + pos, len, stream, [&](int64_t j, int64_t cnt) {
-                return at::vec::fmadd((V::loadu(a + j, cnt) - vk) - vmu, vsc, vsh);
-              });
-            }
-          }
+          const V vsc(wp ? rs * wp[c] : rs), vsh(bp ? bp[c] : A(0));
+          const int64_t pos = base + cc * HW;
+          map_span<T, A>(xp + pos, nullptr, yp + pos, HW, stream, [&](int64_t, int64_t, const V& a, const V&) {
+            const V v = at::vec::fmadd((a - vk) - vmu, vsc, vsh);
+            return silu ? vsilu(v) : v;
+          });
         }
       }
       stream_fence(stream);
@@ -112,11 +96,14 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
         }
       }
     });
-    nhwc_map<T, A>(xp + n0 * HW * C, nullptr, yp + n0 * HW * C, ns * HW, C,
-                   [&](int64_t row, const A* a, const A*, A* o) {
-                     const int64_t k = (n0 + row / HW) * C;
-                     affine_row(a, o, C, cmu.data() + k, csc.data() + k, csh.data() + k, silu);
-                   });
+    nhwc_map<T, A>(xp + n0 * HW * C, nullptr, yp + n0 * HW * C, ns * HW, C, [&](int64_t row) {
+      const int64_t k = (n0 + row / HW) * C;
+      const A *mup = cmu.data() + k, *scp = csc.data() + k, *shp = csh.data() + k;
+      return [=](int64_t j, int64_t cnt, const V& a, const V&) {
+        const V v = at::vec::fmadd(a - V::loadu(mup + j, cnt), V::loadu(scp + j, cnt), V::loadu(shp + j, cnt));
+        return silu ? vsilu(v) : v;
+      };
+    });
   }
 }
 
@@ -147,7 +134,6 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
   if (layout == Layout::kNCHW) {
     const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<A> bx(kChunk), bdy(kChunk);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n = i / G, g = i % G;
         const A mu = meanp[i], rs = rstdp[i];
@@ -157,21 +143,17 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const V vw(wc(c)), vb(bc(c));
           V a1(A(0)), a2(A(0)), a3(A(0));
-          for (int64_t off = 0; off < HW; off += kChunk) {
-            const int64_t len = std::min(kChunk, HW - off);
-            const int64_t pos = (n * C + c) * HW + off;
-            const A* ax = acc_view(xp + pos, bx.data(), len);
-            const A* ady = acc_view(dyp + pos, bdy.data(), len);
-            for (int64_t j = 0; j < len; j += W) {
-              const int64_t k = std::min<int64_t>(W, len - j);
-              const V xc = V::set(V(A(0)), V::loadu(ax + j, k) - vmu, k);  // zero past k
-              const V xh = xc * vrs;
-              V de = V::loadu(ady + j, k);  // zero past k: the tail adds nothing
-              if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
-              a1 = a1 + de;
-              a2 = at::vec::fmadd(de, xh, a2);
-              a3 = a3 + xc;
-            }
+          const T* px = xp + (n * C + c) * HW;
+          const T* pdy = dyp + (n * C + c) * HW;
+          for (int64_t j = 0; j < HW; j += W) {
+            const int64_t k = std::min<int64_t>(W, HW - j);
+            const V xc = V::set(V(A(0)), load_acc(px + j, k) - vmu, k);  // zero past k
+            const V xh = xc * vrs;
+            V de = load_acc(pdy + j, k);  // zero past k: the tail adds nothing
+            if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
+            a1 = a1 + de;
+            a2 = at::vec::fmadd(de, xh, a2);
+            a3 = a3 + xc;
           }
           sdy[n * C + c] = horizontal_sum(a1);
           sdyxh[n * C + c] = horizontal_sum(a2);
@@ -191,21 +173,13 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
         // Pass 2 (the group is still in L2): dx = (de * w - xhat * c1 - c2) * rstd.
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const V vw(wc(c)), vb(bc(c));
-          for (int64_t off = 0; off < HW; off += kChunk) {
-            const int64_t len = std::min(kChunk, HW - off);
-            const int64_t pos = (n * C + c) * HW + off;
-            const A* ax = acc_view(xp + pos, bx.data(), len);
-            const A* ady = acc_view(dyp + pos, bdy.data(), len);
-            A* o = out_span(dxp + pos, bx.data(), stream);  // may alias ax (bx): read before written
-            for (int64_t j = 0; j < len; j += W) {
-              const int64_t k = std::min<int64_t>(W, len - j);
-              const V xh = ((V::loadu(ax + j, k) - vmu) - ve) * vrs;
-              V de = V::loadu(ady + j, k);
-              if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
-              ((de * vw - at::vec::fmadd(xh, vc1, vc2)) * vrs).store(o + j, k);
-            }
-            write_out(o, dxp + pos, len, stream);
-          }
+          const int64_t pos = (n * C + c) * HW;
+          map_span<T, A>(xp + pos, dyp + pos, dxp + pos, HW, stream, [&](int64_t, int64_t, const V& xv, const V& d) {
+            const V xh = ((xv - vmu) - ve) * vrs;
+            V de = d;
+            if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
+            return (de * vw - at::vec::fmadd(xh, vc1, vc2)) * vrs;
+          });
         }
       }
       stream_fence(stream);
@@ -226,14 +200,14 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
     const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
     std::vector<A> p1(N * nblk * C), p2(N * nblk * C), p3(N * nblk * C);
     nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(), p3.data(),
-                            [&](int64_t row, const A* ax, const A* ady, A* s1, A* s2, A* s3) {
+                            [&](int64_t row, const T* ax, const T* ady, A* s1, A* s2, A* s3) {
                               const int64_t q = (row / HW) * C;
                               for (int64_t j = 0; j < C; j += W) {
                                 const int64_t k = std::min<int64_t>(W, C - j);
-                                const V xc = V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k);
+                                const V xc = load_acc(ax + j, k) - V::loadu(cmu.data() + q + j, k);
                                 (V::loadu(s3 + j, k) + xc).store(s3 + j, k);
                                 const V xh = xc * V::loadu(crs.data() + q + j, k);
-                                V de = V::loadu(ady + j, k);
+                                V de = load_acc(ady + j, k);
                                 if (silu) {
                                   de = de * vsilu_grad(at::vec::fmadd(xh, V::loadu(wv.data() + j, k),
                                                                       V::loadu(bv.data() + j, k)));
@@ -278,18 +252,18 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
         }
       }
     }
-    nhwc_map<T, A>(xp, dyp, dxp, N * HW, C, [&](int64_t row, const A* ax, const A* ady, A* o) {
+    const A *cmup = cmu.data(), *crsp = crs.data(), *cep = ce.data(), *c1p = c1v.data(), *c2p = c2v.data();
+    const A *wvp = wv.data(), *bvp = bv.data();
+    nhwc_map<T, A>(xp, dyp, dxp, N * HW, C, [&](int64_t row) {
       const int64_t q = (row / HW) * C;
-      for (int64_t j = 0; j < C; j += W) {
-        const int64_t k = std::min<int64_t>(W, C - j);
-        const V vrs = V::loadu(crs.data() + q + j, k);
-        const V xh = ((V::loadu(ax + j, k) - V::loadu(cmu.data() + q + j, k)) - V::loadu(ce.data() + q + j, k)) * vrs;
-        const V vw = V::loadu(wv.data() + j, k);
-        V de = V::loadu(ady + j, k);
-        if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, V::loadu(bv.data() + j, k)));
-        ((de * vw - at::vec::fmadd(xh, V::loadu(c1v.data() + q + j, k), V::loadu(c2v.data() + q + j, k))) * vrs)
-            .store(o + j, k);
-      }
+      return [=](int64_t j, int64_t k, const V& xv, const V& d) {
+        const V vrs = V::loadu(crsp + q + j, k);
+        const V xh = ((xv - V::loadu(cmup + q + j, k)) - V::loadu(cep + q + j, k)) * vrs;
+        const V vw = V::loadu(wvp + j, k);
+        V de = d;
+        if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, V::loadu(bvp + j, k)));
+        return (de * vw - at::vec::fmadd(xh, V::loadu(c1p + q + j, k), V::loadu(c2p + q + j, k))) * vrs;
+      };
     });
   }
   // dW / dB: sums over samples in sample order.

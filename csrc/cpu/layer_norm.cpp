@@ -1,9 +1,8 @@
 // LayerNorm / RMSNorm CPU kernels (forward and backward) and their operator registration.
 //
 // x is (M, N) with an arbitrary row stride and a contiguous last dimension; rows are independent, so the
-// forward runs rows in parallel. Each row is converted (bf16/fp16) or used in place (fp32/fp64), its
-// statistics are computed exactly in L1-sized chunks merged with Chan's formula, and it is normalized
-// while still in cache. The backward keeps dW/dB partial sums per block of rows (a fixed number of
+// forward runs rows in parallel. Each row's statistics are computed exactly in L1-sized chunks merged with
+// Chan's formula, and it is normalized while still in cache; bf16/fp16 are converted in registers. The backward keeps dW/dB partial sums per block of rows (a fixed number of
 // blocks, see num_blocks) and reduces them in block order, so the result depends on neither scheduling nor
 // the thread count.
 #include "cpu/isa_prelude.h"
@@ -32,9 +31,8 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
   const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<A> buf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t r = r0; r < r1; ++r) {
-      const A* a = acc_view(xp + r * ldx, buf.data(), N);
+      const T* a = xp + r * ldx;
       A shift = 0, mu = 0, rs;  // y = ((x - shift) - mu) * rs
       if (is_rms) {
         // Sum of squares directly: there is no mean to cancel against.
@@ -45,7 +43,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         }
         rs = A(1) / std::sqrt(ss / A(N) + A(eps));
       } else {
-        const auto st = stats_acc(a, N);
+        const auto st = stats_contig(a, N);
         shift = st.shift;
         mu = st.w.mean;
         rs = A(1) / std::sqrt(st.w.m2 / A(N) + A(eps));
@@ -76,14 +74,13 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
   const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const auto [r0, r1] = block_range(M, blocks, blk);
       A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
       A* dbr = need_db ? pdb.data() + blk * N : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
-        const A* ax = acc_view(xp + r * ldx, xbuf.data(), N);
-        const A* ady = acc_view(dyp + r * lddy, dybuf.data(), N);
+        const T* ax = xp + r * ldx;
+        const T* ady = dyp + r * lddy;
         const A mu = is_rms ? A(0) : meanp[r];
         if (wp != nullptr) {
           layer_norm_bwd_row<true>(ax, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, dxp + r * N, stream);

@@ -20,48 +20,31 @@ inline int64_t nhwc_blocks_per_sample(int64_t N, int64_t HW, int64_t C) {
   return std::max<int64_t>(1, std::min(chunks, want));
 }
 
-// Elementwise map over NCHW planes: op(plane, const A* x, const A* dy, A* out, len) on consecutive pieces
-// (at most kChunk elements) of plane `plane` = n * C + c. dy may be null. out may alias x's buffer.
+// Elementwise map over NCHW planes: op(plane) (plane = n * C + c) returns the plane's functor
+// f(j, cnt, x, dy) -> out for vectors of cnt lanes at offset j (see map_span); dy may be null (zeros).
 template <typename T, typename A, typename Op>
 void nchw_map(const T* x, const T* dy, T* out, int64_t planes, int64_t HW, const Op& op) {
   const int64_t grain = std::max<int64_t>(1, 4 * kChunk / std::max<int64_t>(HW, 1));
   const bool stream = stream_output(planes * HW * int64_t(sizeof(T)));
   at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
-    std::vector<A> bx(out_scratch<T, A>(kChunk, stream)), bdy(std::is_same_v<T, A> || !dy ? 0 : kChunk);
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t off = 0; off < HW; off += kChunk) {
-        const int64_t len = std::min(kChunk, HW - off);
-        const int64_t base = p * HW + off;
-        const A* ax = acc_view(x + base, bx.data(), len);
-        const A* ady = dy ? acc_view(dy + base, bdy.data(), len) : nullptr;
-        A* o = out_span(out + base, bx.data(), stream);  // may alias ax's buffer: op reads before it writes
-        op(p, ax, ady, o, len);
-        write_out(o, out + base, len, stream);
-      }
+      const int64_t base = p * HW;
+      map_span<T, A>(x + base, dy ? dy + base : nullptr, out + base, HW, stream, op(p));
     }
     stream_fence(stream);
   });
 }
 
-// Elementwise map over NHWC rows: op(row, const A* x, const A* dy, A* out) on each row of C elements
-// (row = n * HW + spatial index). dy may be null; out may alias x's buffer.
+// Elementwise map over NHWC rows of C elements (row = n * HW + spatial index): op(row) returns the row's
+// functor f(j, cnt, x, dy) -> out, j being the channel offset. dy may be null (zeros).
 template <typename T, typename A, typename Op>
 void nhwc_map(const T* x, const T* dy, T* out, int64_t rows, int64_t C, const Op& op) {
   const int64_t R = nhwc_rows_per_chunk(C);
   const bool stream = stream_output(rows * C * int64_t(sizeof(T)));
   at::parallel_for(0, rows, R, [&](int64_t r0, int64_t r1) {
-    std::vector<A> bx(out_scratch<T, A>(R * C, stream)), bdy(std::is_same_v<T, A> || !dy ? 0 : R * C);
-    for (int64_t c0 = r0; c0 < r1; c0 += R) {
-      const int64_t c1 = std::min(r1, c0 + R);
-      const int64_t len = (c1 - c0) * C;
-      const A* ax = acc_view(x + c0 * C, bx.data(), len);
-      const A* ady = dy ? acc_view(dy + c0 * C, bdy.data(), len) : nullptr;
-      A* o = out_span(out + c0 * C, bx.data(), stream);  // may alias ax's buffer: op reads a row first
-      for (int64_t r = c0; r < c1; ++r) {
-        const int64_t k = (r - c0) * C;
-        op(r, ax + k, ady ? ady + k : nullptr, o + k);
-      }
-      write_out(o, out + c0 * C, len, stream);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+      map_span<T, A>(x + base, dy ? dy + base : nullptr, out + base, C, stream, op(r));
     }
     stream_fence(stream);
   });
@@ -77,7 +60,7 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
   constexpr int64_t W = V::size();
   const int64_t R = nhwc_rows_per_chunk(C);
   at::parallel_for(0, N * nblk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> buf(std::is_same_v<T, A> ? 0 : R * C), cmean(C), csq(C), ks(C);
+    std::vector<A> cmean(C), csq(C), ks(C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nblk, blk = t % nblk;
       const auto [h0, h1] = block_range(HW, nblk, blk);
@@ -89,15 +72,17 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
       int64_t cnt = 0;
       for (int64_t c0 = h0; c0 < h1; c0 += R) {
         const int64_t rows = std::min(h1, c0 + R) - c0;
-        const A* a = acc_view(x + (n * HW + c0) * C, buf.data(), rows * C);
+        const T* a = x + (n * HW + c0) * C;
         // Shift each channel by its first value in this task (see ShiftedStats) to keep the sums small.
-        if (c0 == h0) std::copy(a, a + C, ks.begin());
+        if (c0 == h0) {
+          for (int64_t c = 0; c < C; ++c) ks[c] = static_cast<A>(a[c]);
+        }
         std::fill(cmean.begin(), cmean.end(), A(0));
         std::fill(csq.begin(), csq.end(), A(0));
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < C; j += W) {
             const int64_t k = std::min<int64_t>(W, C - j);
-            (V::loadu(cmean.data() + j, k) + (V::loadu(a + r * C + j, k) - V::loadu(ks.data() + j, k)))
+            (V::loadu(cmean.data() + j, k) + (load_acc(a + r * C + j, k) - V::loadu(ks.data() + j, k)))
                 .store(cmean.data() + j, k);
           }
         }
@@ -109,7 +94,7 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < C; j += W) {
             const int64_t k = std::min<int64_t>(W, C - j);
-            const V d = (V::loadu(a + r * C + j, k) - V::loadu(ks.data() + j, k)) - V::loadu(cmean.data() + j, k);
+            const V d = (load_acc(a + r * C + j, k) - V::loadu(ks.data() + j, k)) - V::loadu(cmean.data() + j, k);
             at::vec::fmadd(d, d, V::loadu(csq.data() + j, k)).store(csq.data() + j, k);
           }
         }
@@ -130,14 +115,13 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
 }
 
 // Per-channel sums over the rows of an NHWC tensor, one partial per (sample, block) task:
-// acc(row, const A* x, const A* dy, A* s1, A* s2, A* s3) adds one row's contributions into s1/s2/s3 (length
-// C; s3 is null when p3 is). Partials p1/p2/p3 are [N * nblk][C].
+// acc(row, const T* x, const T* dy, A* s1, A* s2, A* s3) adds one row's contributions into s1/s2/s3 (length
+// C; s3 is null when p3 is; x and dy are read with load_acc). Partials p1/p2/p3 are [N * nblk][C].
 template <typename T, typename A, typename Acc>
 void nhwc_channel_sums(const T* x, const T* dy, int64_t N, int64_t HW, int64_t C, int64_t nblk, A* p1,
                        A* p2, A* p3, const Acc& acc) {
   const int64_t R = nhwc_rows_per_chunk(C);
   at::parallel_for(0, N * nblk, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> bx(std::is_same_v<T, A> ? 0 : R * C), bdy(std::is_same_v<T, A> ? 0 : R * C);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t / nblk, blk = t % nblk;
       const auto [h0, h1] = block_range(HW, nblk, blk);
@@ -150,52 +134,10 @@ void nhwc_channel_sums(const T* x, const T* dy, int64_t N, int64_t HW, int64_t C
       for (int64_t c0 = h0; c0 < h1; c0 += R) {
         const int64_t rows = std::min(h1, c0 + R) - c0;
         const int64_t base = (n * HW + c0) * C;
-        const A* ax = acc_view(x + base, bx.data(), rows * C);
-        const A* ady = acc_view(dy + base, bdy.data(), rows * C);
-        for (int64_t r = 0; r < rows; ++r) acc(n * HW + c0 + r, ax + r * C, ady + r * C, s1, s2, s3);
+        for (int64_t r = 0; r < rows; ++r) acc(n * HW + c0 + r, x + base + r * C, dy + base + r * C, s1, s2, s3);
       }
     }
   });
-}
-
-// o = act(((a - k) - mu) * scale + shift) over a span that shares one channel's coefficients
-// (k: the statistics' shift, see ShiftedStats; 0 when the mean is given in absolute terms).
-template <typename A>
-inline void affine_span(const A* a, A* o, int64_t len, A k, A mu, A scale, A shift, bool silu) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  const V vk(k), vmu(mu), vsc(scale), vsh(shift);
-  if (silu) {
-    for (int64_t j = 0; j < len; j += W) {
-      const int64_t n = std::min<int64_t>(W, len - j);
-      vsilu(at::vec::fmadd((V::loadu(a + j, n) - vk) - vmu, vsc, vsh)).store(o + j, n);
-    }
-  } else {
-    for (int64_t j = 0; j < len; j += W) {
-      const int64_t n = std::min<int64_t>(W, len - j);
-      at::vec::fmadd((V::loadu(a + j, n) - vk) - vmu, vsc, vsh).store(o + j, n);
-    }
-  }
-}
-
-// The same over one NHWC row of C channels with per-channel coefficient arrays.
-template <typename A>
-inline void affine_row(const A* a, A* o, int64_t C, const A* mu, const A* sc, const A* sh, bool silu) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  if (silu) {
-    for (int64_t j = 0; j < C; j += W) {
-      const int64_t k = std::min<int64_t>(W, C - j);
-      const V v = at::vec::fmadd(V::loadu(a + j, k) - V::loadu(mu + j, k), V::loadu(sc + j, k), V::loadu(sh + j, k));
-      vsilu(v).store(o + j, k);
-    }
-  } else {
-    for (int64_t j = 0; j < C; j += W) {
-      const int64_t k = std::min<int64_t>(W, C - j);
-      at::vec::fmadd(V::loadu(a + j, k) - V::loadu(mu + j, k), V::loadu(sc + j, k), V::loadu(sh + j, k))
-          .store(o + j, k);
-    }
-  }
 }
 
 // Shape summary of an (N, C, *spatial) activation.
