@@ -50,7 +50,8 @@ def _empty_stats(x: Tensor, num_groups: int) -> Tensor:
 
 def _group_var_fallback(x: Tensor, num_groups: int) -> Tensor:
     """Biased group variance (N, G) in the acc dtype, for backends without a fused variance path."""
-    xf = x.to(acc_dtype(x.dtype)).reshape(x.shape[0], num_groups, -1)
+    acc = acc_dtype(x.dtype)
+    xf = (x if x.dtype == acc else x.to(acc)).reshape(x.shape[0], num_groups, -1)
     return xf.var(dim=2, unbiased=False)
 
 

@@ -69,7 +69,11 @@ def weight_norm_apply(v: Tensor, g: Tensor, dim: int) -> Tensor:
     dim = dim % v.dim()
     moved = v.movedim(dim, 0) if dim != 0 else v
     o = moved.shape[0]
-    # explicit K (not -1): an empty v (O = 0) has no inferable row length
-    w = WeightNormFunction.call(moved.contiguous().reshape(o, math.prod(moved.shape[1:])), g.reshape(o))
-    w = w.reshape(moved.shape)
+    rows = moved.contiguous()
+    if rows.dim() != 2:  # (a reshape to the same 2-D shape would still cost a view, ~1 us)
+        # explicit K (not -1): an empty v (O = 0) has no inferable row length
+        rows = rows.reshape(o, math.prod(moved.shape[1:]))
+    w = WeightNormFunction.call(rows, g if g.dim() == 1 else g.reshape(o))
+    if rows is not moved:
+        w = w.reshape(moved.shape)
     return w.movedim(0, dim) if dim != 0 else w
