@@ -370,10 +370,29 @@ def test_not_taken_under_torch_compile(grad, monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("case", ["layer_norm", "switchable_norm"])
+def test_double_backward_still_goes_through_the_dispatcher(case, spy):
+    """With create_graph=True the backward runs in grad mode on tensors that require grad: its ops must go through
+    the dispatcher (which says there is no double-backward formula), not record the body's inner ops."""
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    if case == "layer_norm":
+        y = F.layer_norm(x, (8,), w)
+    else:
+        x4 = x.view(3, 8, 1, 1).expand(3, 8, 2, 2)
+        y = F.switchable_norm(x4, None, None, w, torch.randn(8), torch.randn(3), torch.randn(3), True)
+    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    assert spy.dispatch, "the backward op must go through the dispatcher under create_graph=True"
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
+
+
 def test_plain_eager_predicate():
     x = torch.randn(2, 2)
+    assert not ops.plain_eager((torch.nn.Parameter(x),))  # grad mode on and it requires grad
+    with torch.no_grad():
+        assert ops.plain_eager((torch.nn.Parameter(x),))
     assert ops.plain_eager((x, 1.0, None, True, torch.float32))
-    assert ops.plain_eager((torch.nn.Parameter(x),))
     assert not ops.plain_eager((x.as_subclass(_Sub),))
     assert not ops.plain_eager((torch.empty(2, device="meta"),))
     with _Recorder():

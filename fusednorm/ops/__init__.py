@@ -111,15 +111,20 @@ _NON_TENSOR_TYPES = frozenset({type(None), bool, int, float, str, torch.dtype})
 
 
 def plain_eager(args: Sequence[Any]) -> bool:
-    """True when a call with ``args`` may skip the dispatcher: plain eager mode (see above) and every tensor in
-    ``args`` a plain ``torch.Tensor`` (or Parameter) that is not on the meta device (meta goes to the fake impl)."""
-    return _plain_mode() and _plain_args(args, False)
+    """True when a call with ``args`` may skip the dispatcher: plain eager mode (see above), every tensor in
+    ``args`` a plain ``torch.Tensor`` (or Parameter) that is not on the meta device (meta goes to the fake impl),
+    and nothing to record for autograd (grad mode off, or no tensor requiring grad).
+
+    The last condition matters for a backward run with ``create_graph=True``: the dispatcher runs an op's body
+    below autograd and raises a clear error for the missing double-backward formula; the body called directly
+    would record its inner ops and give silently wrong higher-order gradients."""
+    return _plain_mode() and _plain_args(args, torch.is_grad_enabled())
 
 
 def call_op(op: Any, *args: Any) -> Any:
     """Call custom op ``op`` (a ``CustomOpDef`` made with ``custom_op``) with positional ``args``: its Python body
-    directly in plain eager mode, else through the dispatcher (``torch.ops.fusednorm.<name>``)."""
-    if _plain_mode() and _plain_args(args, False):
+    directly when ``plain_eager(args)``, else through the dispatcher (``torch.ops.fusednorm.<name>``)."""
+    if _plain_mode() and _plain_args(args, torch.is_grad_enabled()):
         return _EAGER_IMPLS[op](*args)
     return op(*args)
 
