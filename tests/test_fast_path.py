@@ -370,6 +370,18 @@ def test_not_taken_under_torch_compile(grad, monkeypatch):
     torch._dynamo.reset()
 
 
+def test_not_taken_under_the_profiler(spy):
+    """A profile must show the fusednorm::* ops, which only the dispatcher records."""
+    x, w = torch.randn(4, 12), torch.randn(12)
+    expected = F.layer_norm(x, (12,), w)
+    fast_before = sum(spy.fast.values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = F.layer_norm(x, (12,), w)
+    assert sum(spy.fast.values()) == fast_before
+    assert any(e.key == "fusednorm::layer_norm_fwd" for e in prof.key_averages())
+    assert torch.equal(y, expected)
+
+
 @pytest.mark.parametrize("case", ["layer_norm", "switchable_norm"])
 def test_double_backward_still_goes_through_the_dispatcher(case, spy):
     """With create_graph=True the backward runs in grad mode on tensors that require grad: its ops must go through

@@ -16,8 +16,10 @@ execution (see ``plain_eager``), the families skip both:
   when no gradient can be needed (grad mode off, or no tensor argument requires grad), else ``apply``.
 
 Anything that is not plain eager (a tensor subclass, FakeTensor, a meta tensor, an active TorchDispatchMode or
-torch-function mode, tracing, compiling, a vmap/grad transform, a forward-AD dual level) takes the original path,
-so the results there are unchanged. ``tests/test_fast_path.py`` checks both sides and bit-identical outputs.
+torch-function mode, tracing, compiling, a vmap/grad transform, a forward-AD dual level, a running profiler, a
+``create_graph=True`` backward) takes the original path, so the results there are unchanged.
+``tests/test_fast_path.py`` checks both sides and bit-identical outputs. One check is lost on the fast path: the
+dispatcher's "output aliases an input" check of custom ops (a debugging aid; ``opcheck`` covers the bodies).
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _torch_function_mode_on = torch._C._is_torch_function_mode_enabled
 _functorch_stack_top = torch._C._functorch.peek_interpreter_stack
 _jit_tracing_state = torch._C._get_tracing_state
+_profiler_on = torch._C._autograd._profiler_enabled
 
 _EAGER_IMPLS: dict[Any, Callable[..., Any]] = {}
 
@@ -83,13 +86,15 @@ def custom_op(name: str, *, mutates_args: Sequence[str] | str = ()) -> Callable[
 
 def _plain_mode() -> bool:
     """True when nothing intercepts ops globally: not compiling/tracing, no dispatch or torch-function mode, no
-    functorch transform (vmap, grad, ...) in progress."""
+    functorch transform (vmap, grad, ...) in progress, no profiler running (a profile should show the
+    ``fusednorm::*`` ops, which only the dispatcher records)."""
     return not (
         _is_compiling()
         or _dispatch_stack_len()
         or _torch_function_mode_on()
         or _functorch_stack_top() is not None
         or _jit_tracing_state() is not None
+        or _profiler_on()
     )
 
 
