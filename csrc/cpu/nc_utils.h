@@ -77,8 +77,10 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
         if (c0 == h0) {
           for (int64_t c = 0; c < C; ++c) ks[c] = static_cast<A>(a[c]);
         }
+        // Exact two-step statistics of the chunk. Pass 1 runs row by row, so the chunk streams in from
+        // memory in address order; pass 2 re-reads it from L2 per block of channel vectors, with the
+        // accumulators in registers.
         std::fill(cmean.begin(), cmean.end(), A(0));
-        std::fill(csq.begin(), csq.end(), A(0));
         for (int64_t r = 0; r < rows; ++r) {
           for (int64_t j = 0; j < C; j += W) {
             const int64_t k = std::min<int64_t>(W, C - j);
@@ -87,16 +89,47 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
           }
         }
         const V inv(A(1) / A(rows));
-        for (int64_t j = 0; j < C; j += W) {
-          const int64_t k = std::min<int64_t>(W, C - j);
-          (V::loadu(cmean.data() + j, k) * inv).store(cmean.data() + j, k);
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t j = 0; j < C; j += W) {
-            const int64_t k = std::min<int64_t>(W, C - j);
-            const V d = (load_acc(a + r * C + j, k) - V::loadu(ks.data() + j, k)) - V::loadu(cmean.data() + j, k);
-            at::vec::fmadd(d, d, V::loadu(csq.data() + j, k)).store(csq.data() + j, k);
+        // Pass 2 hardly touches memory, so it prefetches the task's next chunk (two lines per row step)
+        // to overlap pass 1's memory stream with this compute.
+        const char* pf = reinterpret_cast<const char*>(a + rows * C);
+        const char* pf_end = reinterpret_cast<const char*>(x + (n * HW + std::min(h1, c0 + rows + R)) * C);
+        int64_t j0 = 0;
+        for (; j0 + 4 * W <= C; j0 += 4 * W) {  // four full vectors
+          const A* kp = ks.data() + j0;
+          A* mp = cmean.data() + j0;
+          const V k0 = V::loadu(kp), k1 = V::loadu(kp + W), k2 = V::loadu(kp + 2 * W), k3 = V::loadu(kp + 3 * W);
+          const V s0 = V::loadu(mp) * inv, s1 = V::loadu(mp + W) * inv;
+          const V s2 = V::loadu(mp + 2 * W) * inv, s3 = V::loadu(mp + 3 * W) * inv;
+          V q0(A(0)), q1(A(0)), q2(A(0)), q3(A(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            if (pf < pf_end) {
+              __builtin_prefetch(pf);
+              __builtin_prefetch(pf + 64);
+              pf += 128;
+            }
+            const T* row = a + r * C + j0;
+            const V d0 = (load_acc(row, W) - k0) - s0, d1 = (load_acc(row + W, W) - k1) - s1;
+            const V d2 = (load_acc(row + 2 * W, W) - k2) - s2, d3 = (load_acc(row + 3 * W, W) - k3) - s3;
+            q0 = at::vec::fmadd(d0, d0, q0);
+            q1 = at::vec::fmadd(d1, d1, q1);
+            q2 = at::vec::fmadd(d2, d2, q2);
+            q3 = at::vec::fmadd(d3, d3, q3);
           }
+          A* qp = csq.data() + j0;
+          s0.store(mp), s1.store(mp + W), s2.store(mp + 2 * W), s3.store(mp + 3 * W);
+          q0.store(qp), q1.store(qp + W), q2.store(qp + 2 * W), q3.store(qp + 3 * W);
+        }
+        for (; j0 < C; j0 += W) {  // the remaining channels, one vector (or a tail) at a time
+          const int64_t k = std::min<int64_t>(W, C - j0);
+          const V k0 = V::loadu(ks.data() + j0, k);
+          const V s0 = V::loadu(cmean.data() + j0, k) * inv;
+          V q0(A(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            const V d0 = (load_acc(a + r * C + j0, k) - k0) - s0;
+            q0 = at::vec::fmadd(d0, d0, q0);
+          }
+          s0.store(cmean.data() + j0, k);
+          q0.store(csq.data() + j0, k);
         }
         // Chan merge of this chunk into the task's running partial, channel by channel.
         const A fb = A(rows) / A(cnt + rows);
