@@ -63,6 +63,33 @@ FUSEDNORM_HD Welford<T, N> welford_from_chunk(N n, T mean, T m2) {
   return Welford<T, N>{n, mean, m2};
 }
 
+// Chan's merge of k partials at once, part(i) giving partial i: with m0 the first non-empty partial's mean
+// (a shift that keeps the sum small), mean = m0 + sum(n_i (mean_i - m0)) / n and
+// M2 = sum(M2_i + n_i (mean_i - mean)^2). One division instead of k dependent ones (a chain of pairwise
+// merges is latency-bound when the partials are many and small); the order is fixed.
+template <typename T, typename N, typename Part>
+FUSEDNORM_HD Welford<T, N> welford_merge_all(int64_t k, const Part& part) {
+  N n = N(0);
+  T m0 = T(0), s = T(0);
+  for (int64_t i = 0; i < k; ++i) {
+    const Welford<T, N> p = part(i);
+    if (p.n == N(0)) continue;
+    if (n == N(0)) m0 = p.mean;
+    n = n + p.n;
+    s += T(p.n) * (p.mean - m0);
+  }
+  if (n == N(0)) return welford_empty<T, N>();
+  const T mean = m0 + s / T(n);
+  T m2 = T(0);
+  for (int64_t i = 0; i < k; ++i) {
+    const Welford<T, N> p = part(i);
+    if (p.n == N(0)) continue;
+    const T d = p.mean - mean;
+    m2 += p.m2 + T(p.n) * d * d;
+  }
+  return Welford<T, N>{n, mean, m2};
+}
+
 // Biased variance m2 / n (0 for an empty partial).
 template <typename T, typename N>
 FUSEDNORM_HD T welford_var(const Welford<T, N>& s) {

@@ -36,8 +36,9 @@ void bn_stats_kernel(const at::Tensor& x, Layout layout, at::Tensor& mean, at::T
     });
     at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        auto s = welford_empty<A, int64_t>();
-        for (int64_t n = 0; n < N; ++n) s = welford_merge(s, welford_from_chunk<A, int64_t>(HW, pm[c * N + n], pm2[c * N + n]));
+        const auto s = welford_merge_all<A, int64_t>(N, [&](int64_t n) {
+          return welford_from_chunk<A, int64_t>(HW, pm[c * N + n], pm2[c * N + n]);
+        });
         meanp[c] = s.n > 0 ? s.mean : A(NAN);
         m2p[c] = s.m2;
       }
@@ -50,8 +51,9 @@ void bn_stats_kernel(const at::Tensor& x, Layout layout, at::Tensor& mean, at::T
     nhwc_channel_stats<T, A>(xp, N, HW, C, nblk, pm.data(), pm2.data(), pc.data());
     at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
-        auto s = welford_empty<A, int64_t>();
-        for (int64_t t = 0; t < tasks; ++t) s = welford_merge(s, welford_from_chunk<A, int64_t>(pc[t], pm[t * C + c], pm2[t * C + c]));
+        const auto s = welford_merge_all<A, int64_t>(tasks, [&](int64_t t) {
+          return welford_from_chunk<A, int64_t>(pc[t], pm[t * C + c], pm2[t * C + c]);
+        });
         meanp[c] = s.n > 0 ? s.mean : A(NAN);
         m2p[c] = s.m2;
       }

@@ -78,13 +78,11 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
     at::parallel_for(0, ns * G, 16, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t nl = i / G, g = i % G, n = n0 + nl;
-        auto s = welford_empty<A, int64_t>();
-        for (int64_t blk = 0; blk < nblk; ++blk) {
-          const int64_t t = nl * nblk + blk;
-          for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-            s = welford_merge(s, welford_from_chunk<A, int64_t>(pc[t], pm[t * C + c], pm2[t * C + c]));
-          }
-        }
+        // The group's (block, channel) partials, blocks outer.
+        const auto s = welford_merge_all<A, int64_t>(nblk * D, [&](int64_t q) {
+          const int64_t t = nl * nblk + q / D, c = g * D + q % D;
+          return welford_from_chunk<A, int64_t>(pc[t], pm[t * C + c], pm2[t * C + c]);
+        });
         const A mu = m > 0 ? s.mean : A(NAN);
         const A rs = A(1) / std::sqrt(s.m2 / A(m) + A(eps));
         meanp[n * G + g] = mu;
