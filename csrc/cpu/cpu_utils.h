@@ -382,22 +382,22 @@ inline A vsum(const A* p, int64_t n) {
   return s;
 }
 
-// sum(p * q)
-template <typename A>
-inline A vdot(const A* p, const A* q, int64_t n) {
+// sum(p * q); p, q of storage type T, converted in registers.
+template <typename T, typename A = acc_type<T>>
+inline A vdot(const T* p, const T* q, int64_t n) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    a0 = at::vec::fmadd(V::loadu(p + i), V::loadu(q + i), a0);
-    a1 = at::vec::fmadd(V::loadu(p + i + W), V::loadu(q + i + W), a1);
-    a2 = at::vec::fmadd(V::loadu(p + i + 2 * W), V::loadu(q + i + 2 * W), a2);
-    a3 = at::vec::fmadd(V::loadu(p + i + 3 * W), V::loadu(q + i + 3 * W), a3);
+    a0 = at::vec::fmadd(load_acc(p + i, W), load_acc(q + i, W), a0);
+    a1 = at::vec::fmadd(load_acc(p + i + W, W), load_acc(q + i + W, W), a1);
+    a2 = at::vec::fmadd(load_acc(p + i + 2 * W, W), load_acc(q + i + 2 * W, W), a2);
+    a3 = at::vec::fmadd(load_acc(p + i + 3 * W, W), load_acc(q + i + 3 * W, W), a3);
   }
-  for (; i + W <= n; i += W) a0 = at::vec::fmadd(V::loadu(p + i), V::loadu(q + i), a0);
+  for (; i + W <= n; i += W) a0 = at::vec::fmadd(load_acc(p + i, W), load_acc(q + i, W), a0);
   A s = horizontal_sum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += p[i] * q[i];
+  for (; i < n; ++i) s += static_cast<A>(p[i]) * static_cast<A>(q[i]);
   return s;
 }
 

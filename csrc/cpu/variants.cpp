@@ -466,13 +466,12 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v_in, const
     A* np = norm.data_ptr<A>();
     using V = Vectorized<A>;
     at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
-      std::vector<A> buf(std::is_same_v<T, A> ? 0 : K);
       for (int64_t r = r0; r < r1; ++r) {
-        const A* a = acc_view(vp + r * K, buf.data(), K);
+        const T* a = vp + r * K;
         const A nrm = std::sqrt(vsum_sqdev(a, K, A(0)));
         np[r] = nrm;
         const V f(gp[r] / nrm);
-        write_row<T, A>(wp + r * K, K, false, [&](int64_t j, int64_t cnt) { return V::loadu(a + j, cnt) * f; });
+        write_row<T, A>(wp + r * K, K, false, [&](int64_t j, int64_t cnt) { return load_acc(a + j, cnt) * f; });
       }
     });
   });
@@ -497,17 +496,16 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& dw_in, cons
     A* dgp = dg.data_ptr<A>();
     using V = Vectorized<A>;
     at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
-      std::vector<A> vb(std::is_same_v<T, A> ? 0 : K), db(std::is_same_v<T, A> ? 0 : K);
       for (int64_t r = r0; r < r1; ++r) {
-        const A* av = acc_view(vp + r * K, vb.data(), K);
-        const A* ad = acc_view(dwp + r * K, db.data(), K);
+        const T* av = vp + r * K;
+        const T* ad = dwp + r * K;
         const A dot = vdot(ad, av, K);
         const A nrm = np[r], a = gp[r] / nrm, bcoef = a * dot / (nrm * nrm);
         dgp[r] = dot / nrm;
         const V va(a), vbc(bcoef);
         // dv = a * dw - bcoef * v
         write_row<T, A>(dvp + r * K, K, false, [&](int64_t j, int64_t cnt) {
-          return va * V::loadu(ad + j, cnt) - vbc * V::loadu(av + j, cnt);
+          return va * load_acc(ad + j, cnt) - vbc * load_acc(av + j, cnt);
         });
       }
     });
