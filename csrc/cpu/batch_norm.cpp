@@ -147,14 +147,10 @@ void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layo
     const int64_t tasks = N * nblk;
     std::vector<A> p1(tasks * C), p2(tasks * C);
     nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(), nullptr,
-                            [&](int64_t, const T* ax, const T* ady, A* s1, A* s2, A*) {
-                              for (int64_t j = 0; j < C; j += W) {
-                                const int64_t k = std::min<int64_t>(W, C - j);
-                                const V d = load_acc(ady + j, k);
-                                const V xh = (load_acc(ax + j, k) - V::loadu(meanp + j, k)) * V::loadu(rstdp + j, k);
-                                (V::loadu(s1 + j, k) + d).store(s1 + j, k);
-                                at::vec::fmadd(d, xh, V::loadu(s2 + j, k)).store(s2 + j, k);
-                              }
+                            [&](int64_t, int64_t j, int64_t k, const V& xv, const V& d, V& a1, V& a2, V&) {
+                              const V xh = (xv - V::loadu(meanp + j, k)) * V::loadu(rstdp + j, k);
+                              a1 = a1 + d;
+                              a2 = at::vec::fmadd(d, xh, a2);
                             });
     for (int64_t c = 0; c < C; ++c) {
       s1o[c] = 0;

@@ -198,21 +198,18 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
     const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
     std::vector<A> p1(N * nblk * C), p2(N * nblk * C), p3(N * nblk * C);
     nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(), p3.data(),
-                            [&](int64_t row, const T* ax, const T* ady, A* s1, A* s2, A* s3) {
-                              const int64_t q = (row / HW) * C;
-                              for (int64_t j = 0; j < C; j += W) {
-                                const int64_t k = std::min<int64_t>(W, C - j);
-                                const V xc = load_acc(ax + j, k) - V::loadu(cmu.data() + q + j, k);
-                                (V::loadu(s3 + j, k) + xc).store(s3 + j, k);
-                                const V xh = xc * V::loadu(crs.data() + q + j, k);
-                                V de = load_acc(ady + j, k);
-                                if (silu) {
-                                  de = de * vsilu_grad(at::vec::fmadd(xh, V::loadu(wv.data() + j, k),
-                                                                      V::loadu(bv.data() + j, k)));
-                                }
-                                (V::loadu(s1 + j, k) + de).store(s1 + j, k);
-                                at::vec::fmadd(de, xh, V::loadu(s2 + j, k)).store(s2 + j, k);
+                            [&](int64_t n, int64_t j, int64_t k, const V& xv, const V& d, V& a1, V& a2, V& a3) {
+                              const int64_t q = n * C + j;
+                              const V xc = xv - V::loadu(cmu.data() + q, k);
+                              a3 = a3 + xc;
+                              const V xh = xc * V::loadu(crs.data() + q, k);
+                              V de = d;
+                              if (silu) {
+                                de = de * vsilu_grad(at::vec::fmadd(xh, V::loadu(wv.data() + j, k),
+                                                                    V::loadu(bv.data() + j, k)));
                               }
+                              a1 = a1 + de;
+                              a2 = at::vec::fmadd(de, xh, a2);
                             });
     // Mean-rounding correction per (n, group) (see ce below), applied to the sums algebraically:
     // sum(de * xhat_corrected) = sum(de * xhat) - e * rstd * sum(de).

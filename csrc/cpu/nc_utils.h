@@ -167,11 +167,16 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
 }
 
 // Per-channel sums over the rows of an NHWC tensor, one partial per (sample, block) task:
-// acc(row, const T* x, const T* dy, A* s1, A* s2, A* s3) adds one row's contributions into s1/s2/s3 (length
-// C; s3 is null when p3 is; x and dy are read with load_acc). Partials p1/p2/p3 are [N * nblk][C].
+// acc(n, j, k, x, dy, s1, s2, s3) adds one row's contributions for channels [j, j + k) of sample n, given as
+// vectors x and dy (zero past k), into the running sums s1/s2/s3 (Vectorized<A>&; s3 is dropped when p3 is
+// null). Partials p1/p2/p3 are [N * nblk][C]. Within a chunk of rows, each channel vector's sums stay in
+// registers over the rows (the chunk is re-read from L2) while the next chunk is prefetched; the rows are
+// added in order, so the sums are those of a plain row-by-row loop.
 template <typename T, typename A, typename Acc>
 void nhwc_channel_sums(const T* x, const T* dy, int64_t N, int64_t HW, int64_t C, int64_t nblk, A* p1,
                        A* p2, A* p3, const Acc& acc) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
   const int64_t R = nhwc_rows_per_chunk(C);
   at::parallel_for(0, N * nblk, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -186,7 +191,30 @@ void nhwc_channel_sums(const T* x, const T* dy, int64_t N, int64_t HW, int64_t C
       for (int64_t c0 = h0; c0 < h1; c0 += R) {
         const int64_t rows = std::min(h1, c0 + R) - c0;
         const int64_t base = (n * HW + c0) * C;
-        for (int64_t r = 0; r < rows; ++r) acc(n * HW + c0 + r, x + base + r * C, dy + base + r * C, s1, s2, s3);
+        const T* xb = x + base;
+        const T* db = dy + base;
+        // The next chunk of both inputs, one line of each per row step.
+        const int64_t next = rows * C, next_end = (std::min(h1, c0 + rows + R) - c0) * C;
+        const char* pfx = reinterpret_cast<const char*>(xb + next);
+        const char* pfd = reinterpret_cast<const char*>(db + next);
+        const char* pfx_end = reinterpret_cast<const char*>(xb + next_end);
+        for (int64_t j = 0; j < C; j += W) {
+          const int64_t k = std::min<int64_t>(W, C - j);
+          V a1 = V::loadu(s1 + j, k), a2 = V::loadu(s2 + j, k);
+          V a3 = s3 != nullptr ? V::loadu(s3 + j, k) : V(A(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            if (pfx < pfx_end) {
+              __builtin_prefetch(pfx);
+              __builtin_prefetch(pfd);
+              pfx += 64;
+              pfd += 64;
+            }
+            acc(n, j, k, load_acc(xb + r * C + j, k), load_acc(db + r * C + j, k), a1, a2, a3);
+          }
+          a1.store(s1 + j, k);
+          a2.store(s2 + j, k);
+          if (s3 != nullptr) a3.store(s3 + j, k);
+        }
       }
     }
   });
