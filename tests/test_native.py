@@ -177,6 +177,13 @@ def test_group_norm_large_nhwc(xdtype, pdtype, act):
     _run_group_norm(xdtype, pdtype, (2, 40, 50, 50), 8, "cl", act, True)
 
 
+@pytest.mark.parametrize("xdtype,pdtype", DTYPE_PAIRS, ids=_ids(DTYPE_PAIRS))
+def test_group_norm_silu_large_groups(xdtype, pdtype):
+    """NCHW groups above the 64K elements whose SiLU gradients the backward keeps between its passes (the
+    small shapes take the cached path, this one recomputes them)."""
+    _run_group_norm(xdtype, pdtype, (2, 4, 130, 260), 2, "nchw", "silu", True)
+
+
 def _run_group_norm(xdtype, pdtype, shape, groups, fmt, act, affine):
     eps = 1e-5
     c = shape[1]

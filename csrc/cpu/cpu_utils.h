@@ -558,11 +558,14 @@ inline void layer_norm_bwd_row(const SX* ax, const SD* ady, const A* w, A mu, A 
   });
 }
 
-// sigmoid-weighted linear unit on a vector, v * sigmoid(v).
+// sigmoid-weighted linear unit on a vector, v * sigmoid(v). exp_u20 (ATen's polynomial exp, at most 20 ulp)
+// instead of Sleef's exp: the latter made the fused SiLU cost more than the GroupNorm
+// (2x320x64x64 fp32, one thread: +2.5 ms on a 1.7 ms GroupNorm; +1.3 ms now). Measured max relative error
+// of the fused SiLU over outputs in [-30, 30]: 2.1e-7 (torch's SiLU: 1.4e-7).
 template <typename A>
 inline Vectorized<A> vsilu(const Vectorized<A>& v) {
   const Vectorized<A> one(A(1));
-  return v / (one + v.neg().exp());
+  return v / (one + v.neg().exp_u20());
 }
 
 template <typename A>
@@ -574,7 +577,7 @@ inline A ssilu(A v) {
 template <typename A>
 inline Vectorized<A> vsilu_grad(const Vectorized<A>& p) {
   const Vectorized<A> one(A(1));
-  const Vectorized<A> s = one / (one + p.neg().exp());
+  const Vectorized<A> s = one / (one + p.neg().exp_u20());
   return s * (one + p * (one - s));
 }
 

@@ -131,7 +131,12 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
 
   if (layout == Layout::kNCHW) {
     const bool stream = stream_output(x.numel() * int64_t(sizeof(T)));
+    // With SiLU, pass 1's effective gradients de are kept for pass 2 when the group fits in L2 as floats,
+    // instead of evaluating the SiLU derivative (an exp and two divisions) a second time.
+    constexpr int64_t kDeCacheElems = 64 * 1024;
+    const bool cache_de = silu && m <= kDeCacheElems;
     at::parallel_for(0, N * G, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<A> debuf(cache_de ? m : 0);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n = i / G, g = i % G;
         const A mu = meanp[i], rs = rstdp[i];
@@ -149,6 +154,7 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
             const V xh = xc * vrs;
             V de = load_acc(pdy + j, k);  // zero past k: the tail adds nothing
             if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
+            if (cache_de) de.store(debuf.data() + (c - g * D) * HW + j, k);
             a1 = a1 + de;
             a2 = at::vec::fmadd(de, xh, a2);
             a3 = a3 + xc;
@@ -172,12 +178,18 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const V vw(wc(c)), vb(bc(c));
           const int64_t pos = (n * C + c) * HW;
-          map_span<T, A>(xp + pos, dyp + pos, dxp + pos, HW, stream, [&](int64_t, int64_t, const V& xv, const V& d) {
-            const V xh = ((xv - vmu) - ve) * vrs;
-            V de = d;
-            if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
-            return (de * vw - at::vec::fmadd(xh, vc1, vc2)) * vrs;
-          });
+          const A* dec = cache_de ? debuf.data() + (c - g * D) * HW : nullptr;
+          map_span<T, A>(xp + pos, cache_de ? nullptr : dyp + pos, dxp + pos, HW, stream,
+                         [&](int64_t j, int64_t cnt, const V& xv, const V& d) {
+                           const V xh = ((xv - vmu) - ve) * vrs;
+                           V de = d;
+                           if (cache_de) {
+                             de = V::loadu(dec + j, cnt);
+                           } else if (silu) {
+                             de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
+                           }
+                           return (de * vw - at::vec::fmadd(xh, vc1, vc2)) * vrs;
+                         });
         }
       }
       stream_fence(stream);
