@@ -118,17 +118,23 @@ void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layo
       for (int64_t p = q0; p < q1; ++p) {
         const int64_t n = p / C, c = p % C;
         const V vmu(meanp[c]), vrs(rstdp[c]);
-        V a1(A(0)), a2(A(0));
+        // Two sets of accumulators (even / odd vectors), so the add / FMA latency chains do not bound the loop.
+        V a1[2] = {V(A(0)), V(A(0))}, a2[2] = {V(A(0)), V(A(0))};
         const T* px = xp + p * HW;
         const T* pdy = dyp + p * HW;
-        for (int64_t j = 0; j < HW; j += W) {
-          const int64_t k = std::min<int64_t>(W, HW - j);
+        auto step = [&](int64_t j, int64_t k, int u) {
           const V d = load_acc(pdy + j, k);  // zero past k: the tail adds nothing
-          a1 = a1 + d;
-          a2 = at::vec::fmadd(d, (load_acc(px + j, k) - vmu) * vrs, a2);
+          a1[u] = a1[u] + d;
+          a2[u] = at::vec::fmadd(d, (load_acc(px + j, k) - vmu) * vrs, a2[u]);
+        };
+        int64_t j = 0;
+        for (; j + 2 * W <= HW; j += 2 * W) {
+          step(j, W, 0);
+          step(j + W, W, 1);
         }
-        p1[c * N + n] = horizontal_sum(a1);
-        p2[c * N + n] = horizontal_sum(a2);
+        for (; j < HW; j += W) step(j, std::min<int64_t>(W, HW - j), 0);
+        p1[c * N + n] = horizontal_sum(a1[0] + a1[1]);
+        p2[c * N + n] = horizontal_sum(a2[0] + a2[1]);
       }
     });
     at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {

@@ -145,23 +145,31 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
         A s3 = 0;
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const V vw(wc(c)), vb(bc(c));
-          V a1(A(0)), a2(A(0)), a3(A(0));
+          // Two sets of accumulators (even / odd vectors): the group is in L2, so one set would make this
+          // loop wait on the add / FMA latency chains.
+          V a1[2] = {V(A(0)), V(A(0))}, a2[2] = {V(A(0)), V(A(0))}, a3[2] = {V(A(0)), V(A(0))};
           const T* px = xp + (n * C + c) * HW;
           const T* pdy = dyp + (n * C + c) * HW;
-          for (int64_t j = 0; j < HW; j += W) {
-            const int64_t k = std::min<int64_t>(W, HW - j);
+          A* dec = cache_de ? debuf.data() + (c - g * D) * HW : nullptr;
+          auto step = [&](int64_t j, int64_t k, int u) {
             const V xc = V::set(V(A(0)), load_acc(px + j, k) - vmu, k);  // zero past k
             const V xh = xc * vrs;
             V de = load_acc(pdy + j, k);  // zero past k: the tail adds nothing
             if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, vb));
-            if (cache_de) de.store(debuf.data() + (c - g * D) * HW + j, k);
-            a1 = a1 + de;
-            a2 = at::vec::fmadd(de, xh, a2);
-            a3 = a3 + xc;
+            if (cache_de) de.store(dec + j, k);
+            a1[u] = a1[u] + de;
+            a2[u] = at::vec::fmadd(de, xh, a2[u]);
+            a3[u] = a3[u] + xc;
+          };
+          int64_t j = 0;
+          for (; j + 2 * W <= HW; j += 2 * W) {
+            step(j, W, 0);
+            step(j + W, W, 1);
           }
-          sdy[n * C + c] = horizontal_sum(a1);
-          sdyxh[n * C + c] = horizontal_sum(a2);
-          s3 += horizontal_sum(a3);
+          for (; j < HW; j += W) step(j, std::min<int64_t>(W, HW - j), 0);
+          sdy[n * C + c] = horizontal_sum(a1[0] + a1[1]);
+          sdyxh[n * C + c] = horizontal_sum(a2[0] + a2[1]);
+          s3 += horizontal_sum(a3[0] + a3[1]);
         }
         // The saved mean is rounded: e = mean(x - mean) is its error, measured on the data. Using
         // xhat = ((x - mean) - e) * rstd keeps dx from cancelling when |mean| >> spread; the sums above
