@@ -79,11 +79,11 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
         if (c0 == h0) {
           for (int64_t c = 0; c < C; ++c) ks[c] = static_cast<A>(a[c]);
         }
-        // Exact two-step statistics of the chunk. Pass 1 runs row by row, so the chunk streams in from
-        // memory in address order; pass 2 re-reads it from L2 per block of channel vectors, with the
+        // Exact two-step statistics of the chunk. Pass 1 (the sums) runs in address order, so the chunk
+        // streams in from memory; rows go four at a time through each channel vector's running sum (the
+        // same additions in the same order as row by row, a quarter of the partial-sum loads and stores).
+        // Pass 2 (the centred squares) re-reads the chunk from L2 per block of channel vectors, with the
         // accumulators in registers.
-        // Rows go four at a time through each channel vector's running sum: the same additions in the same
-        // order as row by row, with a quarter of the partial-sum loads and stores.
         std::fill(cmean.begin(), cmean.end(), A(0));
         A* cm = cmean.data();
         const A* kp = ks.data();
@@ -114,9 +114,9 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
         const char* pf_end = reinterpret_cast<const char*>(x + (n * HW + std::min(h1, c0 + rows + R)) * C);
         int64_t j0 = 0;
         for (; j0 + 4 * W <= C; j0 += 4 * W) {  // four full vectors
-          const A* kp = ks.data() + j0;
-          A* mp = cmean.data() + j0;
-          const V k0 = V::loadu(kp), k1 = V::loadu(kp + W), k2 = V::loadu(kp + 2 * W), k3 = V::loadu(kp + 3 * W);
+          const A* kb = kp + j0;
+          A* mp = cm + j0;
+          const V k0 = V::loadu(kb), k1 = V::loadu(kb + W), k2 = V::loadu(kb + 2 * W), k3 = V::loadu(kb + 3 * W);
           const V s0 = V::loadu(mp) * inv, s1 = V::loadu(mp + W) * inv;
           const V s2 = V::loadu(mp + 2 * W) * inv, s3 = V::loadu(mp + 3 * W) * inv;
           V q0(A(0)), q1(A(0)), q2(A(0)), q3(A(0));
