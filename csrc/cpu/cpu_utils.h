@@ -1,9 +1,11 @@
 // Shared helpers for the CPU kernels: dtype plumbing, vectorized reductions over accumulation-type
 // arrays, chunked Welford statistics and deterministic partition helpers.
 //
-// Every kernel computes on arrays of the accumulation type A (float, or double for double inputs).
-// Inputs of another dtype (bf16 / fp16) are converted chunk by chunk into a small per-task buffer that
-// stays in L1, so the math is written once per op, not once per dtype.
+// Every kernel computes in the accumulation type A (float, or double for double inputs), written once per
+// op, not once per dtype. Streaming kernels load bf16 / fp16 straight into float vectors and store them back
+// converted in registers (load_acc / store_acc / map_span, and the reductions below, which take the storage
+// type); kernels that need a materialized acc-type row (the fused variants) convert it into a small per-task
+// buffer (to_acc / acc_view).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -329,29 +331,6 @@ inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, co
   }
 }
 
-// Where to compute acc-type results destined for dst[0:n]: dst itself when T == A and the output is not
-// streamed, else `scratch` (at least n elements), which write_out then converts and/or streams into dst.
-template <typename T, typename A>
-inline A* out_span(T* dst, A* scratch, bool stream) {
-  if constexpr (std::is_same_v<T, A>) {
-    return stream ? scratch : dst;
-  } else {
-    return scratch;
-  }
-}
-
-// Completes out_span: a no-op when the results were written in place.
-template <typename T, typename A>
-inline void write_out(const A* o, T* dst, int64_t n, bool stream) {
-  if (static_cast<const void*>(o) != static_cast<const void*>(dst)) from_acc_stream(o, dst, n, stream);
-}
-
-// Scratch elements a task needs for out_span over spans of n elements.
-template <typename T, typename A>
-inline int64_t out_scratch(int64_t n, bool stream) {
-  return (std::is_same_v<T, A> && !stream) ? 0 : n;
-}
-
 // ---- vectorized reductions (fixed order: bit-identical for the same input) --------------------------
 
 template <typename A>
@@ -360,25 +339,6 @@ inline A horizontal_sum(const Vectorized<A>& v) {
   v.store(tmp);
   A s = 0;
   for (int64_t k = 0; k < Vectorized<A>::size(); ++k) s += tmp[k];
-  return s;
-}
-
-// sum(p)
-template <typename A>
-inline A vsum(const A* p, int64_t n) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    a0 += V::loadu(p + i);
-    a1 += V::loadu(p + i + W);
-    a2 += V::loadu(p + i + 2 * W);
-    a3 += V::loadu(p + i + 3 * W);
-  }
-  for (; i + W <= n; i += W) a0 += V::loadu(p + i);
-  A s = horizontal_sum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += p[i];
   return s;
 }
 
