@@ -112,6 +112,23 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
           });
           s_done = true;
         }
+      } else if constexpr (std::is_same_v<A, float>) {
+        // bf16 / fp16 x or s, no dropout: also one pass, converting in registers. The row buffer gets s as
+        // stored (rounded to S), which is what the statistics and the backward see.
+        if (!has_dropout) {
+          const T* xr = xp + r * ldx;
+          const S* rr = rp != nullptr ? rp + r * ldr : nullptr;
+          S* sr = sp + r * N;
+          for (int64_t j = 0; j < N; j += V::size()) {
+            const int64_t cnt = std::min<int64_t>(V::size(), N - j);
+            V v = load_acc<T, A>(xr + j, cnt);
+            if (rr != nullptr) v = v + load_acc<S, A>(rr + j, cnt);
+            store_acc<S, A>(sr + j, v, cnt);
+            if constexpr (!std::is_same_v<S, A>) v = load_acc<S, A>(sr + j, cnt);
+            v.store(a.data() + j, cnt);
+          }
+          s_done = true;
+        }
       }
       if (!s_done) {
         // s = dropout(x) + residual in acc precision
