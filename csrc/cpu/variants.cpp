@@ -194,13 +194,21 @@ void add_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& ds, const at::T
       A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
       A* dbr = need_db ? pdb.data() + blk * N : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
-        const A* as = acc_view(sp + r * N, sbuf.data(), N);
-        const A* ady = acc_view(dyp + r * lddy, dybuf.data(), N);
+        // s and dy are read (several times, from cache) and converted in registers; only a dy whose acc type
+        // differs from s's (fp32 x with an fp64 residual stream) is converted into a buffer first.
+        const S* as = sp + r * N;
         const A mu = is_rms ? A(0) : meanp[r];
-        if (wp != nullptr) {
-          layer_norm_bwd_row<true>(as, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, out.data(), false);
+        auto row = [&](const auto* ady) {
+          if (wp != nullptr) {
+            layer_norm_bwd_row<true>(as, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, out.data(), false);
+          } else {
+            layer_norm_bwd_row<false>(as, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, out.data(), false);
+          }
+        };
+        if constexpr (std::is_same_v<acc_type<T>, A>) {
+          row(dyp + r * lddy);
         } else {
-          layer_norm_bwd_row<false>(as, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, out.data(), false);
+          row(acc_view(dyp + r * lddy, dybuf.data(), N));
         }
         if (dsp != nullptr) {
           const A* ads = acc_view(dsp + r * ldds, sbuf.data(), N);  // s is no longer needed
