@@ -102,7 +102,6 @@ void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layo
                           const at::Tensor& rstd, at::Tensor& sum_dy, at::Tensor& sum_dy_xhat) {
   using A = acc_type<T>;
   using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
   const NCShape shp = nc_shape(x);
   const int64_t N = shp.N, C = shp.C, HW = shp.HW;
   const T* xp = x.data_ptr<T>();
@@ -118,21 +117,14 @@ void bn_bwd_reduce_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layo
       for (int64_t p = q0; p < q1; ++p) {
         const int64_t n = p / C, c = p % C;
         const V vmu(meanp[c]), vrs(rstdp[c]);
-        // Two sets of accumulators (even / odd vectors), so the add / FMA latency chains do not bound the loop.
-        V a1[2] = {V(A(0)), V(A(0))}, a2[2] = {V(A(0)), V(A(0))};
+        V a1[2] = {V(A(0)), V(A(0))}, a2[2] = {V(A(0)), V(A(0))};  // see for_vectors_2way
         const T* px = xp + p * HW;
         const T* pdy = dyp + p * HW;
-        auto step = [&](int64_t j, int64_t k, int u) {
+        for_vectors_2way<A>(HW, [&](int64_t j, int64_t k, int u) {
           const V d = load_acc(pdy + j, k);  // zero past k: the tail adds nothing
           a1[u] = a1[u] + d;
           a2[u] = at::vec::fmadd(d, (load_acc(px + j, k) - vmu) * vrs, a2[u]);
-        };
-        int64_t j = 0;
-        for (; j + 2 * W <= HW; j += 2 * W) {
-          step(j, W, 0);
-          step(j + W, W, 1);
-        }
-        for (; j < HW; j += W) step(j, std::min<int64_t>(W, HW - j), 0);
+        });
         p1[c * N + n] = horizontal_sum(a1[0] + a1[1]);
         p2[c * N + n] = horizontal_sum(a2[0] + a2[1]);
       }

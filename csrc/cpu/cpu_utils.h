@@ -333,6 +333,21 @@ inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, co
 
 // ---- vectorized reductions (fixed order: bit-identical for the same input) --------------------------
 
+// Calls step(j, cnt, u) for the vectors [j, j + cnt) covering [0, n), u alternating 0 / 1 over the full
+// vectors and 0 for the tail: a loop that keeps two sets of accumulators (indexed by u) is not bound by the
+// latency of its add / FMA chains when its data is in cache.
+template <typename A, typename Step>
+inline void for_vectors_2way(int64_t n, const Step& step) {
+  constexpr int64_t W = Vectorized<A>::size();
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    step(j, W, 0);
+    step(j + W, W, 1);
+  }
+  for (; j < n; j += W) step(j, std::min<int64_t>(W, n - j), 0);
+}
+
+
 template <typename A>
 inline A horizontal_sum(const Vectorized<A>& v) {
   A tmp[Vectorized<A>::size()];

@@ -111,7 +111,6 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
                    at::Tensor& dx, at::Tensor& dw_acc, at::Tensor& db_acc) {
   using A = acc_type<T>;
   using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
   const NCShape shp = nc_shape(x);
   const int64_t N = shp.N, C = shp.C, HW = shp.HW, D = C / G;
   const int64_t m = D * HW;
@@ -145,13 +144,12 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
         A s3 = 0;
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const V vw(wc(c)), vb(bc(c));
-          // Two sets of accumulators (even / odd vectors): the group is in L2, so one set would make this
-          // loop wait on the add / FMA latency chains.
+          // Two sets of accumulators (see for_vectors_2way): the group is in L2, so the loop is latency-bound.
           V a1[2] = {V(A(0)), V(A(0))}, a2[2] = {V(A(0)), V(A(0))}, a3[2] = {V(A(0)), V(A(0))};
           const T* px = xp + (n * C + c) * HW;
           const T* pdy = dyp + (n * C + c) * HW;
           A* dec = cache_de ? debuf.data() + (c - g * D) * HW : nullptr;
-          auto step = [&](int64_t j, int64_t k, int u) {
+          for_vectors_2way<A>(HW, [&](int64_t j, int64_t k, int u) {
             const V xc = V::set(V(A(0)), load_acc(px + j, k) - vmu, k);  // zero past k
             const V xh = xc * vrs;
             V de = load_acc(pdy + j, k);  // zero past k: the tail adds nothing
@@ -160,13 +158,7 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
             a1[u] = a1[u] + de;
             a2[u] = at::vec::fmadd(de, xh, a2[u]);
             a3[u] = a3[u] + xc;
-          };
-          int64_t j = 0;
-          for (; j + 2 * W <= HW; j += 2 * W) {
-            step(j, W, 0);
-            step(j + W, W, 1);
-          }
-          for (; j < HW; j += W) step(j, std::min<int64_t>(W, HW - j), 0);
+          });
           sdy[n * C + c] = horizontal_sum(a1[0] + a1[1]);
           sdyxh[n * C + c] = horizontal_sum(a2[0] + a2[1]);
           s3 += horizontal_sum(a3[0] + a3[1]);
