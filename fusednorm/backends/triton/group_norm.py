@@ -90,6 +90,15 @@ def _tile(tc, ts, cg, S, stride_o, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.cons
 
 
 @triton.jit
+def _group_base(P, n, c_first, stride_n, stride_c, CHANNELS_LAST: tl.constexpr):
+    """Pointer to element (n, c_first, spatial 0) of a (N, C, S) view: channels at unit stride when channels_last,
+    else stride_c apart. Offsets in int64 (the tensor may exceed 2**31 elements)."""
+    if CHANNELS_LAST:
+        return P + n.to(tl.int64) * stride_n + c_first
+    return P + n.to(tl.int64) * stride_n + c_first * stride_c
+
+
+@triton.jit
 def _tile_range(tiles_s, tiles_per_prog, num_tiles):
     """This program's tiles [t0, t1) and the channel blocks [tc0, tc1] they touch."""
     t0 = tl.program_id(1) * tiles_per_prog
@@ -136,10 +145,7 @@ def group_norm_stats_kernel(
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
-    if CHANNELS_LAST:
-        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64)
-    else:
-        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64) * stride_xo
+    x_base = _group_base(X, n, (g * cg).to(tl.int64), stride_xn, stride_xo, CHANNELS_LAST)
     # Statistics of x - K with K the group's first element, the same shift in every program of the group: with
     # |mean| >> std a tile's plain fp32 sum would round away the low digits of its mean; x - K is exact there.
     shift = tl.load(x_base).to(acc_ty)
@@ -206,12 +212,8 @@ def group_norm_apply_kernel(
     mean2 = tl.reshape(mean, (1, 1))
     rstd2 = tl.reshape(rstd, (1, 1))
     c_first = (g * cg).to(tl.int64)
-    if CHANNELS_LAST:
-        x_base = X + n.to(tl.int64) * stride_xn + c_first
-        y_base = Y + n.to(tl.int64) * stride_yn + c_first
-    else:
-        x_base = X + n.to(tl.int64) * stride_xn + c_first * stride_xo
-        y_base = Y + n.to(tl.int64) * stride_yn + c_first * stride_yo
+    x_base = _group_base(X, n, c_first, stride_xn, stride_xo, CHANNELS_LAST)
+    y_base = _group_base(Y, n, c_first, stride_yn, stride_yo, CHANNELS_LAST)
     shift = tl.load(x_base).to(acc_ty)
     tl.store(Mean + ng + tl.arange(0, 1), shift + mean, mask=first)
     t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
@@ -275,10 +277,7 @@ def group_norm_bwd_centre_kernel(
     ng = tl.program_id(0)
     n = ng // G
     g = ng - n * G
-    if CHANNELS_LAST:
-        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64)
-    else:
-        x_base = X + n.to(tl.int64) * stride_xn + (g * cg).to(tl.int64) * stride_xo
+    x_base = _group_base(X, n, (g * cg).to(tl.int64), stride_xn, stride_xo, CHANNELS_LAST)
     mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
     rstd2 = tl.reshape(tl.load(Rstd + ng + tl.arange(0, 1)), (1, 1))
     t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
@@ -315,12 +314,8 @@ def group_norm_bwd_reduce_kernel(
         e2 = tl.zeros([1, 1], dtype=acc_ty)
         sum_d = tl.zeros([1], dtype=acc_ty)
     c_first = (g * cg).to(tl.int64)
-    if CHANNELS_LAST:
-        x_base = X + n.to(tl.int64) * stride_xn + c_first
-        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first
-    else:
-        x_base = X + n.to(tl.int64) * stride_xn + c_first * stride_xo
-        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first * stride_dyo
+    x_base = _group_base(X, n, c_first, stride_xn, stride_xo, CHANNELS_LAST)
+    dy_base = _group_base(DY, n, c_first, stride_dyn, stride_dyo, CHANNELS_LAST)
     # This program's row of the (N * SPLIT, C) dW/dB partials: slots of this group's channels, written once.
     p_row = (n.to(tl.int64) * tl.num_programs(1) + sp) * C + c_first
     sum_g = tl.zeros([1], dtype=acc_ty)
@@ -409,14 +404,9 @@ def group_norm_bwd_dx_kernel(
     mean2 = tl.reshape(tl.load(Mean + ng + tl.arange(0, 1)), (1, 1))
     rstd2 = tl.reshape(rstd, (1, 1))
     c_first = (g * cg).to(tl.int64)
-    if CHANNELS_LAST:
-        x_base = X + n.to(tl.int64) * stride_xn + c_first
-        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first
-        dx_base = DX + n.to(tl.int64) * stride_dxn + c_first
-    else:
-        x_base = X + n.to(tl.int64) * stride_xn + c_first * stride_xo
-        dy_base = DY + n.to(tl.int64) * stride_dyn + c_first * stride_dyo
-        dx_base = DX + n.to(tl.int64) * stride_dxn + c_first * stride_dxo
+    x_base = _group_base(X, n, c_first, stride_xn, stride_xo, CHANNELS_LAST)
+    dy_base = _group_base(DY, n, c_first, stride_dyn, stride_dyo, CHANNELS_LAST)
+    dx_base = _group_base(DX, n, c_first, stride_dxn, stride_dxo, CHANNELS_LAST)
     t0, t1, tc0, tc1 = _tile_range(tiles_s, tiles_per_prog, num_tiles)
     for tc in range(tc0, tc1 + 1):
         c = tc * BLOCK_C + tl.arange(0, BLOCK_C)
