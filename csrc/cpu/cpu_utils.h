@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -489,48 +490,77 @@ inline ShiftedStats<A> stats_acc(const A* p, int64_t n) {
   return stats_contig<A, A>(p, n);
 }
 
-// One row of the LayerNorm / RMSNorm backward (shared by the plain and the residual-add kernels): accumulates
-// dW/dB partials into dwr / dbr (either may be null) and writes dx as T. ax / ady are storage-type rows (or
-// acc-type copies), read several times from cache and converted in registers.
+// R rows (1 or 2) of the LayerNorm / RMSNorm backward (shared by the plain and the residual-add kernels):
+// accumulates dW/dB partials into dwr / dbr (either may be null) and writes dx[r] as T. ax / ady are
+// storage-type rows (or acc-type copies), read several times from cache and converted in registers. Two rows
+// at a time halve the load / store traffic of the dW/dB partials; each column still adds row r before row
+// r + 1, so the partials are bit-identical to one row at a time.
 // g = dy * w; dx = (g - xhat * mean(g * xhat) - mean(g)) * rstd (the mean(g) term is absent for RMS).
-template <bool HAS_W, typename SX, typename SD, typename T, typename A>
-inline void layer_norm_bwd_row(const SX* ax, const SD* ady, const A* w, A mu, A rs, bool is_rms, int64_t N, A* dwr,
-                               A* dbr, T* dx, bool stream) {
+template <int R, bool HAS_W, typename SX, typename SD, typename T, typename A>
+inline void layer_norm_bwd_rows(const SX* const* ax, const SD* const* ady, const A* w, const A* mu,
+                                const A* rs, bool is_rms, int64_t N, A* dwr, A* dbr, T* const* dx, bool stream) {
+  static_assert(R == 1 || R == 2, "one or two rows at a time");
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   // The saved mean is rounded to A: when |mean| >> spread its rounding error is not small against x - mean,
   // and dx = rstd * (g - xhat * c1 - c2) cancels. e = mean(x - mean) is that error, measured on the data
   // (the row is in cache); xhat = ((x - mean) - e) * rstd removes it (never mean + e, which rounds again).
-  const A e = is_rms ? A(0) : vsum_shifted(ax, N, mu) / A(N);
-  const V vmu(mu), ve(e), vrs(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) { return ((load_acc<SX, A>(ax + j, cnt) - vmu) - ve) * vrs; };
-  auto grad = [&](int64_t j, int64_t cnt) {
-    const V d = load_acc<SD, A>(ady + j, cnt);  // zero-filled past cnt, so a tail adds nothing to the sums
+  // |e| <= ulp(mean) / 2, so e * rstd <= 2^-24 |mean| rstd: when |mean| * rstd <= 1 the correction is below
+  // the rounding of xhat itself and the extra pass over the row is skipped.
+  V vmu[R], ve[R], vrs[R];
+  for (int r = 0; r < R; ++r) {
+    const bool need_e = !is_rms && std::abs(mu[r]) * rs[r] > A(1);
+    vmu[r] = V(mu[r]);
+    ve[r] = V(need_e ? vsum_shifted(ax[r], N, mu[r]) / A(N) : A(0));
+    vrs[r] = V(rs[r]);
+  }
+  auto xhat = [&](int r, int64_t j, int64_t cnt) {
+    return ((load_acc<SX, A>(ax[r] + j, cnt) - vmu[r]) - ve[r]) * vrs[r];
+  };
+  auto times_w = [&](const V& d, int64_t j, int64_t cnt) {
     if constexpr (HAS_W) {
       return d * V::loadu(w + j, cnt);
     } else {
       return d;
     }
   };
-  // Pass 1: the two row sums, and the dW/dB partials (loops split so the hot one has no bounds logic).
-  V s1(A(0)), s2(A(0));
+  // Pass 1: the two sums of each row, and the dW/dB partials (loops split so the hot one has no bounds
+  // logic). dy is zero-filled past cnt, so a tail adds nothing to the sums.
+  V s1[R], s2[R];
+  for (int r = 0; r < R; ++r) s1[r] = s2[r] = V(A(0));
   auto pass1 = [&](int64_t j, int64_t cnt) {
-    const V xh = xhat(j, cnt), d = load_acc<SD, A>(ady + j, cnt);
-    const V g = HAS_W ? grad(j, cnt) : d;
-    s1 = at::vec::fmadd(g, xh, s1);
-    s2 = s2 + g;
-    if (dwr != nullptr) at::vec::fmadd(d, xh, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
-    if (dbr != nullptr) (V::loadu(dbr + j, cnt) + d).store(dbr + j, cnt);
+    V dw_acc = dwr != nullptr ? V::loadu(dwr + j, cnt) : V(A(0));
+    V db_acc = dbr != nullptr ? V::loadu(dbr + j, cnt) : V(A(0));
+    for (int r = 0; r < R; ++r) {
+      const V xh = xhat(r, j, cnt), d = load_acc<SD, A>(ady[r] + j, cnt);
+      const V g = times_w(d, j, cnt);
+      s1[r] = at::vec::fmadd(g, xh, s1[r]);
+      s2[r] = s2[r] + g;
+      dw_acc = at::vec::fmadd(d, xh, dw_acc);
+      db_acc = db_acc + d;
+    }
+    if (dwr != nullptr) dw_acc.store(dwr + j, cnt);
+    if (dbr != nullptr) db_acc.store(dbr + j, cnt);
   };
   int64_t j = 0;
   for (; j + W <= N; j += W) pass1(j, W);
   if (j < N) pass1(j, N - j);
   const A inv_n = A(1) / A(N);
-  const V vc1(horizontal_sum(s1) * inv_n), vc2(is_rms ? A(0) : horizontal_sum(s2) * inv_n);
-  // Pass 2 (the row is still in cache).
-  write_row<T, A>(dx, N, stream, [&](int64_t k, int64_t cnt) {
-    return (grad(k, cnt) - at::vec::fmadd(xhat(k, cnt), vc1, vc2)) * vrs;
-  });
+  // Pass 2 (the rows are still in cache).
+  for (int r = 0; r < R; ++r) {
+    const V vc1(horizontal_sum(s1[r]) * inv_n), vc2(is_rms ? A(0) : horizontal_sum(s2[r]) * inv_n);
+    write_row<T, A>(dx[r], N, stream, [&](int64_t k, int64_t cnt) {
+      const V g = times_w(load_acc<SD, A>(ady[r] + k, cnt), k, cnt);
+      return (g - at::vec::fmadd(xhat(r, k, cnt), vc1, vc2)) * vrs[r];
+    });
+  }
+}
+
+// One row of the LayerNorm / RMSNorm backward: layer_norm_bwd_rows for R = 1.
+template <bool HAS_W, typename SX, typename SD, typename T, typename A>
+inline void layer_norm_bwd_row(const SX* ax, const SD* ady, const A* w, A mu, A rs, bool is_rms, int64_t N, A* dwr,
+                               A* dbr, T* dx, bool stream) {
+  layer_norm_bwd_rows<1, HAS_W>(&ax, &ady, w, &mu, &rs, is_rms, N, dwr, dbr, &dx, stream);
 }
 
 // sigmoid-weighted linear unit on a vector, v * sigmoid(v). exp_u20 (ATen's polynomial exp, at most 20 ulp)
@@ -577,6 +607,23 @@ constexpr int64_t kReductionSplits = 64;
 // Number of partial-sum blocks for a reduction over `rows` rows (at most one per row).
 inline int64_t num_blocks(int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(rows, kReductionSplits));
+}
+
+// out[j] = sum over b of partial[b * n + j], added in block order (deterministic), for j in [0, n). Vectorized
+// over j and parallel over column ranges: a column-at-a-time loop strides through the partials and cost 17%
+// of a 1024x8192 LayerNorm backward.
+template <typename A>
+inline void sum_block_partials(const A* partial, int64_t blocks, int64_t n, A* out) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  at::parallel_for(0, (n + W - 1) / W, 256, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      const int64_t j = v * W, cnt = std::min(W, n - j);
+      V acc(A(0));
+      for (int64_t b = 0; b < blocks; ++b) acc = acc + V::loadu(partial + b * n + j, cnt);
+      acc.store(out + j, cnt);
+    }
+  });
 }
 
 // Parameter (C,) or (N,) tensor as a contiguous acc-type tensor, or an undefined tensor.

@@ -70,43 +70,46 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   const A* rstdp = rstd.data_ptr<A>();
   const bool need_dw = dw_acc.defined(), need_db = db_acc.defined();
   const int64_t blocks = num_blocks(M);
-  // Per-block partial sums of dy * xhat and dy, reduced in block order below.
-  std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
+  // Per-block partial sums of dy * xhat and dy, reduced in block order below. Each block zeroes its own
+  // partial rows, in the thread that then accumulates into them.
+  std::unique_ptr<A[]> pdw(need_dw ? new A[blocks * N] : nullptr), pdb(need_db ? new A[blocks * N] : nullptr);
   const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const auto [r0, r1] = block_range(M, blocks, blk);
-      A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
-      A* dbr = need_db ? pdb.data() + blk * N : nullptr;
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* ax = xp + r * ldx;
-        const T* ady = dyp + r * lddy;
-        const A mu = is_rms ? A(0) : meanp[r];
-        if (wp != nullptr) {
-          layer_norm_bwd_row<true>(ax, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, dxp + r * N, stream);
-        } else {
-          layer_norm_bwd_row<false>(ax, ady, wp, mu, rstdp[r], is_rms, N, dwr, dbr, dxp + r * N, stream);
+      A* dwr = need_dw ? pdw.get() + blk * N : nullptr;
+      A* dbr = need_db ? pdb.get() + blk * N : nullptr;
+      if (dwr != nullptr) std::fill(dwr, dwr + N, A(0));
+      if (dbr != nullptr) std::fill(dbr, dbr + N, A(0));
+      // Rows two at a time (then a last single one): see layer_norm_bwd_rows.
+      auto rows = [&](auto R, int64_t r) {
+        constexpr int kR = decltype(R)::value;
+        const T* ax[kR];
+        const T* ady[kR];
+        T* adx[kR];
+        A mu[kR], rs[kR];
+        for (int i = 0; i < kR; ++i) {
+          ax[i] = xp + (r + i) * ldx;
+          ady[i] = dyp + (r + i) * lddy;
+          adx[i] = dxp + (r + i) * N;
+          mu[i] = is_rms ? A(0) : meanp[r + i];
+          rs[i] = rstdp[r + i];
         }
-      }
+        if (wp != nullptr) {
+          layer_norm_bwd_rows<kR, true>(ax, ady, wp, mu, rs, is_rms, N, dwr, dbr, adx, stream);
+        } else {
+          layer_norm_bwd_rows<kR, false>(ax, ady, wp, mu, rs, is_rms, N, dwr, dbr, adx, stream);
+        }
+      };
+      int64_t r = r0;
+      for (; r + 2 <= r1; r += 2) rows(std::integral_constant<int, 2>(), r);
+      if (r < r1) rows(std::integral_constant<int, 1>(), r);
     }
     stream_fence(stream);
   });
   // Deterministic second reduction: each column sums the block partials in block order.
-  if (need_dw || need_db) {
-    A* dwo = need_dw ? dw_acc.data_ptr<A>() : nullptr;
-    A* dbo = need_db ? db_acc.data_ptr<A>() : nullptr;
-    at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        A sw = 0, sb = 0;
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-          if (dwo) sw += pdw[blk * N + j];
-          if (dbo) sb += pdb[blk * N + j];
-        }
-        if (dwo) dwo[j] = sw;
-        if (dbo) dbo[j] = sb;
-      }
-    });
-  }
+  if (need_dw) sum_block_partials(pdw.get(), blocks, N, dw_acc.data_ptr<A>());
+  if (need_db) sum_block_partials(pdb.get(), blocks, N, db_acc.data_ptr<A>());
 }
 
 }  // namespace

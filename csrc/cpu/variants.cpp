@@ -185,14 +185,17 @@ void add_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& ds, const at::T
   const A* rstdp = rstd.data_ptr<A>();
   const bool need_dw = dw_acc.defined(), need_db = db_acc.defined() && has_b;
   const int64_t blocks = num_blocks(M);
-  std::vector<A> pdw(need_dw ? blocks * N : 0, A(0)), pdb(need_db ? blocks * N : 0, A(0));
+  // Per-block dW/dB partials, each zeroed by the task that accumulates into it.
+  std::unique_ptr<A[]> pdw(need_dw ? new A[blocks * N] : nullptr), pdb(need_db ? new A[blocks * N] : nullptr);
   const A scale = A(drop_scale);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<A> sbuf(N), dybuf(N), out(N);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const auto [r0, r1] = block_range(M, blocks, blk);
-      A* dwr = need_dw ? pdw.data() + blk * N : nullptr;
-      A* dbr = need_db ? pdb.data() + blk * N : nullptr;
+      A* dwr = need_dw ? pdw.get() + blk * N : nullptr;
+      A* dbr = need_db ? pdb.get() + blk * N : nullptr;
+      if (dwr != nullptr) std::fill(dwr, dwr + N, A(0));
+      if (dbr != nullptr) std::fill(dbr, dbr + N, A(0));
       for (int64_t r = r0; r < r1; ++r) {
         // s and dy are read (several times, from cache) and converted in registers; only a dy whose acc type
         // differs from s's (fp32 x with an fp64 residual stream) is converted into a buffer first.
@@ -232,21 +235,8 @@ void add_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& ds, const at::T
       }
     }
   });
-  if (need_dw || need_db) {
-    A* dwo = need_dw ? dw_acc.data_ptr<A>() : nullptr;
-    A* dbo = need_db ? db_acc.data_ptr<A>() : nullptr;
-    at::parallel_for(0, N, 1024, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        A sw = 0, sb = 0;
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-          if (dwo) sw += pdw[blk * N + j];
-          if (dbo) sb += pdb[blk * N + j];
-        }
-        if (dwo) dwo[j] = sw;
-        if (dbo) dbo[j] = sb;
-      }
-    });
-  }
+  if (need_dw) sum_block_partials(pdw.get(), blocks, N, dw_acc.data_ptr<A>());
+  if (need_db) sum_block_partials(pdb.get(), blocks, N, db_acc.data_ptr<A>());
 }
 
 // ---- dtype dispatch ------------------------------------------------------------------------------------
