@@ -311,14 +311,42 @@ inline void write_row(T* dst, int64_t n, bool stream, const F& f) {
   }
 }
 
+// Prefetches a few equally long byte ranges (the next rows of a row loop), one cache line per step(),
+// round-robin over the ranges. A pass that works from cache calls step() once per vector, so that memory,
+// idle during that pass, fetches the next rows meanwhile; a burst of prefetches instead would stall on the
+// core's few outstanding-miss slots.
+struct LinePrefetcher {
+  static constexpr int kMaxRanges = 4;
+  const char* base[kMaxRanges] = {};
+  int ranges = 0, cur = 0;
+  int64_t bytes = 0, off = 0;
+
+  explicit LinePrefetcher(int64_t range_bytes) : bytes(range_bytes) {}
+  void add(const void* p) {
+    if (p != nullptr && ranges < kMaxRanges) base[ranges++] = static_cast<const char*>(p);
+  }
+  inline void step() {
+    if (off >= bytes || ranges == 0) return;
+    __builtin_prefetch(base[cur] + off);
+    if (++cur == ranges) {
+      cur = 0;
+      off += 64;
+    }
+  }
+};
+
 // dst[j] = (((a[j] - shift) - mu) * rs) * w[j] + b[j] as T, with w and / or b optional (null); a is of
-// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S.
+// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S. When the row is in cache, the
+// pass steps `next_rows` (if given) once per vector to fetch the caller's next row meanwhile.
 template <typename T, typename A, typename S>
 inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
-                          bool stream) {
+                          bool stream, LinePrefetcher* next_rows = nullptr) {
   using V = Vectorized<A>;
   const V vs(shift), vm(mu), vr(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) { return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr; };
+  auto xhat = [&](int64_t j, int64_t cnt) {
+    if (next_rows != nullptr) next_rows->step();
+    return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr;
+  };
   if (w != nullptr && b != nullptr) {
     write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) {
       return at::vec::fmadd(xhat(j, cnt), V::loadu(w + j, cnt), V::loadu(b + j, cnt));
@@ -498,7 +526,8 @@ inline ShiftedStats<A> stats_acc(const A* p, int64_t n) {
 // g = dy * w; dx = (g - xhat * mean(g * xhat) - mean(g)) * rstd (the mean(g) term is absent for RMS).
 template <int R, bool HAS_W, typename SX, typename SD, typename T, typename A>
 inline void layer_norm_bwd_rows(const SX* const* ax, const SD* const* ady, const A* w, const A* mu,
-                                const A* rs, bool is_rms, int64_t N, A* dwr, A* dbr, T* const* dx, bool stream) {
+                                const A* rs, bool is_rms, int64_t N, A* dwr, A* dbr, T* const* dx, bool stream,
+                                LinePrefetcher* next_rows = nullptr) {
   static_assert(R == 1 || R == 2, "one or two rows at a time");
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
@@ -546,10 +575,11 @@ inline void layer_norm_bwd_rows(const SX* const* ax, const SD* const* ady, const
   for (; j + W <= N; j += W) pass1(j, W);
   if (j < N) pass1(j, N - j);
   const A inv_n = A(1) / A(N);
-  // Pass 2 (the rows are still in cache).
+  // Pass 2 (the rows are still in cache), prefetching the caller's next rows.
   for (int r = 0; r < R; ++r) {
     const V vc1(horizontal_sum(s1[r]) * inv_n), vc2(is_rms ? A(0) : horizontal_sum(s2[r]) * inv_n);
     write_row<T, A>(dx[r], N, stream, [&](int64_t k, int64_t cnt) {
+      if (next_rows != nullptr) next_rows->step();
       const V g = times_w(load_acc<SD, A>(ady[r] + k, cnt), k, cnt);
       return (g - at::vec::fmadd(xhat(r, k, cnt), vc1, vc2)) * vrs[r];
     });

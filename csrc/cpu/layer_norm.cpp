@@ -50,7 +50,10 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         meanp[r] = N > 0 ? st.mean() : A(NAN);
       }
       rstdp[r] = rs;
-      normalize_row(a, yp + r * N, N, shift, mu, rs, wp, bp, stream);
+      // The statistics read the row from memory; the normalize pass works from cache and fetches the next.
+      LinePrefetcher next(N * int64_t(sizeof(T)));
+      if (r + 1 < r1) next.add(a + ldx);
+      normalize_row(a, yp + r * N, N, shift, mu, rs, wp, bp, stream, &next);
     }
     stream_fence(stream);
   });
@@ -95,10 +98,16 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
           mu[i] = is_rms ? A(0) : meanp[r + i];
           rs[i] = rstdp[r + i];
         }
+        // Pass 1 streams its rows from memory and pass 2 works from cache: pass 2 prefetches the next pair.
+        LinePrefetcher next(N * int64_t(sizeof(T)));
+        for (int64_t i = r + kR; i < std::min(M, r + kR + 2); ++i) {
+          next.add(xp + i * ldx);
+          next.add(dyp + i * lddy);
+        }
         if (wp != nullptr) {
-          layer_norm_bwd_rows<kR, true>(ax, ady, wp, mu, rs, is_rms, N, dwr, dbr, adx, stream);
+          layer_norm_bwd_rows<kR, true>(ax, ady, wp, mu, rs, is_rms, N, dwr, dbr, adx, stream, &next);
         } else {
-          layer_norm_bwd_rows<kR, false>(ax, ady, wp, mu, rs, is_rms, N, dwr, dbr, adx, stream);
+          layer_norm_bwd_rows<kR, false>(ax, ady, wp, mu, rs, is_rms, N, dwr, dbr, adx, stream, &next);
         }
       };
       int64_t r = r0;
