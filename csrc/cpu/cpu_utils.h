@@ -336,17 +336,13 @@ struct LinePrefetcher {
 };
 
 // dst[j] = (((a[j] - shift) - mu) * rs) * w[j] + b[j] as T, with w and / or b optional (null); a is of
-// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S. When the row is in cache, the
-// pass steps `next_rows` (if given) once per vector to fetch the caller's next row meanwhile.
+// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S.
 template <typename T, typename A, typename S>
 inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
-                          bool stream, LinePrefetcher* next_rows = nullptr) {
+                          bool stream) {
   using V = Vectorized<A>;
   const V vs(shift), vm(mu), vr(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) {
-    if (next_rows != nullptr) next_rows->step();
-    return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr;
-  };
+  auto xhat = [&](int64_t j, int64_t cnt) { return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr; };
   if (w != nullptr && b != nullptr) {
     write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) {
       return at::vec::fmadd(xhat(j, cnt), V::loadu(w + j, cnt), V::loadu(b + j, cnt));
@@ -465,15 +461,20 @@ inline A vsum_shifted(const T* p, int64_t n, A k) {
 }
 
 // sum(((p - k) - d)^2). Four independent accumulators: the chunk is in L1, so this pass is bound by the
-// FMA latency chain, not by memory.
+// FMA latency chain, not by memory. Prefetches [pf, pf_end) two lines per step when given.
 template <typename T, typename A>
-inline A vsum_sqdev2(const T* p, int64_t n, A k, A d) {
+inline A vsum_sqdev2(const T* p, int64_t n, A k, A d, const char* pf = nullptr, const char* pf_end = nullptr) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V vk(k), vd(d);
   V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
+    if (pf < pf_end) {
+      __builtin_prefetch(pf);
+      __builtin_prefetch(pf + 64);
+      pf += 128;
+    }
     const V d0 = (load_acc(p + i, W) - vk) - vd, d1 = (load_acc(p + i + W, W) - vk) - vd;
     const V d2 = (load_acc(p + i + 2 * W, W) - vk) - vd, d3 = (load_acc(p + i + 3 * W, W) - vk) - vd;
     a0 = at::vec::fmadd(d0, d0, a0);
@@ -493,21 +494,27 @@ inline A vsum_sqdev2(const T* p, int64_t n, A k, A d) {
   return s;
 }
 
-// Exact two-step statistics of one chunk (re-read from L1), relative to shift k.
+// Exact two-step statistics of one chunk (re-read from L1), relative to shift k; pass 2 prefetches
+// next[0:next_len] (the following chunk) when given.
 template <typename T, typename A>
-inline Welford<A, int64_t> chunk_stats(const T* a, int64_t len, A k) {
+inline Welford<A, int64_t> chunk_stats(const T* a, int64_t len, A k, const T* next = nullptr, int64_t next_len = 0) {
   const A d = vsum_shifted(a, len, k) / A(len);
-  return welford_from_chunk<A, int64_t>(len, d, vsum_sqdev2(a, len, k, d));
+  const char* pf = reinterpret_cast<const char*>(next);
+  const char* pf_end = pf + (next != nullptr ? next_len * int64_t(sizeof(T)) : 0);
+  return welford_from_chunk<A, int64_t>(len, d, vsum_sqdev2(a, len, k, d, pf, pf_end));
 }
 
 // Statistics of p[0:n] (storage type T, acc type A): L1-sized chunks, each exact two-step, Chan-merged in
-// order.
+// order. Pass 1 over a chunk streams it from memory; pass 2 works from L1 and prefetches the next chunk, so
+// that the memory stream does not stall while it runs (measured better than prefetching the next row from a
+// later pass: LayerNorm fwd 1024x8192 fp32 about 0.92x -> 1.0x of torch, GroupNorm NCHW fwd about 1.0x -> 1.05-1.2x).
 template <typename T, typename A = acc_type<T>>
 inline ShiftedStats<A> stats_contig(const T* p, int64_t n) {
   ShiftedStats<A> s{n > 0 ? static_cast<A>(p[0]) : A(0), welford_empty<A, int64_t>()};
   for (int64_t off = 0; off < n; off += kChunk) {
     const int64_t len = std::min(kChunk, n - off);
-    s.w = welford_merge(s.w, chunk_stats(p + off, len, s.shift));
+    const int64_t next_len = std::min(kChunk, n - off - len);
+    s.w = welford_merge(s.w, chunk_stats(p + off, len, s.shift, next_len > 0 ? p + off + len : nullptr, next_len));
   }
   return s;
 }

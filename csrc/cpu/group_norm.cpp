@@ -47,17 +47,13 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
         const A rs = A(1) / std::sqrt(st.w.m2 / A(m) + A(eps));
         meanp[i] = m > 0 ? st.mean() : A(NAN);
         rstdp[i] = rs;
-        // Second pass (the group is still in L2): y = act(((x - k) - mu) * scale + shift). The statistics
-        // streamed the group from memory; this pass does not read memory, so it prefetches the next group.
-        LinePrefetcher next(m * int64_t(sizeof(T)));
-        if (i + 1 < i1) next.add(xp + base + m);
+        // Second pass (the group is still in L2): y = act(((x - k) - mu) * scale + shift).
         const V vk(st.shift), vmu(st.w.mean);
         for (int64_t cc = 0; cc < D; ++cc) {
           const int64_t c = g * D + cc;
           const V vsc(wp ? rs * wp[c] : rs), vsh(bp ? bp[c] : A(0));
           const int64_t pos = base + cc * HW;
           map_span<T, A>(xp + pos, nullptr, yp + pos, HW, stream, [&](int64_t, int64_t, const V& a, const V&) {
-            next.step();
             const V v = at::vec::fmadd((a - vk) - vmu, vsc, vsh);
             return silu ? vsilu(v) : v;
           });

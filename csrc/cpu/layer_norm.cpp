@@ -50,10 +50,7 @@ void layer_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& w, const at::T
         meanp[r] = N > 0 ? st.mean() : A(NAN);
       }
       rstdp[r] = rs;
-      // The statistics read the row from memory; the normalize pass works from cache and fetches the next.
-      LinePrefetcher next(N * int64_t(sizeof(T)));
-      if (r + 1 < r1) next.add(a + ldx);
-      normalize_row(a, yp + r * N, N, shift, mu, rs, wp, bp, stream, &next);
+      normalize_row(a, yp + r * N, N, shift, mu, rs, wp, bp, stream);
     }
     stream_fence(stream);
   });
