@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     meth.add_argument("--warmup-ms", type=float, default=None, help="warm-up per provider and case (25 ms)")
     meth.add_argument("--rep-ms", type=float, default=None,
                       help="sampled time per provider and case (100 ms)")
-    meth.add_argument("--rounds", type=int, default=2, help="interleaved sampling rounds across providers (2)")
+    meth.add_argument(
+        "--rounds", type=int, default=8,
+        help="interleaved sampling rounds across providers (8: a shared VM's slow phases last from tens of ms to "
+        "seconds, and fine interleaving spreads them over every provider)",
+    )
     meth.add_argument("--no-check", action="store_true", help="skip the correctness check (not recommended)")
     meth.add_argument("--check-numel", type=int, default=None,
                       help="largest input checked in full; bigger cases are checked with fewer rows/batch")

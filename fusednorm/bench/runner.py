@@ -100,7 +100,7 @@ class RunConfig:
     check: bool = True
     check_numel: int = 2**22
     memory: bool = True
-    rounds: int = 2
+    rounds: int = 8
     seed: int = 0
     rotate_budget_bytes: int = 2**30
 
