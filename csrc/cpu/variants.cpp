@@ -82,7 +82,7 @@ void add_norm_fwd_kernel(const at::Tensor& x, const at::Tensor& res, const at::T
   using A = acc_type<S>;
   static_assert(std::is_same_v<acc_type<T>, A> || std::is_same_v<A, double>, "acc type of x must fit s's");
   using V = Vectorized<A>;
-    const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0);
+  const int64_t M = x.size(0), N = x.size(1), ldx = x.stride(0);
   const int64_t ldr = res.defined() ? res.stride(0) : 0;
   const T* xp = x.data_ptr<T>();
   const S* rp = res.defined() ? res.data_ptr<S>() : nullptr;
