@@ -106,7 +106,11 @@ def ada_norm_bwd_kernel(
             xhat = x * rstd[:, None]
         else:
             mean = tl.load(Mean + rows, mask=l_mask, other=0.0)
-            xhat = (x - mean[:, None]) * rstd[:, None]
+            # Remove the saved fp32 mean's rounding: e = mean(x - mean), subtracted on its own (not mean + e,
+            # which would round again). It matters when |mean| >> std, where dx cancels.
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            e = tl.sum(d, axis=1) / N
+            xhat = (d - e[:, None]) * rstd[:, None]
         xhat = tl.where(mask, xhat, 0.0)
         nrm = xhat
         if HAS_WEIGHT:

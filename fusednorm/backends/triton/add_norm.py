@@ -195,12 +195,16 @@ def add_norm_bwd_kernel(
         if SINGLE_TILE:
             mask = row_mask[:, None] & col_mask[None, :]
             s = tl.load(s_rows + cols[None, :], mask=mask, other=0.0).to(acc_ty)
-            dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(acc_ty)
+            # (statement order here, dy loaded late and c2 before c1, keeps ptxas from spilling on sm_80)
             if IS_RMS:
-                xhat = s * rstd[:, None]
+                xhat = tl.where(mask, s * rstd[:, None], 0.0)
             else:
-                xhat = (s - mean[:, None]) * rstd[:, None]
-            xhat = tl.where(mask, xhat, 0.0)
+                # Remove the saved fp32 mean's rounding: e = mean(s - mean), subtracted on its own (not mean + e,
+                # which would round again). It matters when |mean| >> std, where ds cancels.
+                d = tl.where(mask, s - mean[:, None], 0.0)
+                e = tl.sum(d, axis=1) / N
+                xhat = tl.where(mask, (d - e[:, None]) * rstd[:, None], 0.0)
+            dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(acc_ty)
             if HAS_WEIGHT:
                 g = dy * w[None, :]
                 dw_acc += tl.sum(dy * xhat, axis=0)
@@ -208,19 +212,24 @@ def add_norm_bwd_kernel(
                 g = dy
             if HAS_BIAS:
                 db_acc += tl.sum(dy, axis=0)
+            if not IS_RMS:
+                c2 = tl.sum(g, axis=1) / N
             c1 = tl.sum(g * xhat, axis=1) / N
             if IS_RMS:
                 ds = (g - xhat * c1[:, None]) * rstd[:, None]
             else:
-                c2 = tl.sum(g, axis=1) / N
                 ds = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             if HAS_DS:
                 ds += tl.load(ds_rows + cols[None, :], mask=mask, other=0.0).to(acc_ty)
             _store_grads(DX, DR, ds, dx_row + cols[None, :], dr_row + cols[None, :], rows64, cols, mask, N,
                          drop_scale, seed, threshold, HAS_RESIDUAL, HAS_DROPOUT)
         else:
+            # Pass 1: c1 = mean(g * xhat), c2 = mean(g), and e = mean(s - mean), the saved fp32 mean's rounding.
+            # xhat here still carries it; c1 is linear in xhat, so it is corrected afterwards.
             sum_gx = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
             sum_g = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
+            if not IS_RMS:
+                sum_d = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c[None, :] < N)
@@ -229,13 +238,21 @@ def add_norm_bwd_kernel(
                 if IS_RMS:
                     xhat = s * rstd[:, None]
                 else:
-                    xhat = (s - mean[:, None]) * rstd[:, None]
+                    d = tl.where(mask, s - mean[:, None], 0.0)
+                    sum_d += d
+                    xhat = d * rstd[:, None]
                 if HAS_WEIGHT:
                     dy = dy * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]
                 sum_gx += dy * xhat
                 sum_g += dy
-            c1 = tl.sum(sum_gx, axis=1) / N
-            c2 = tl.sum(sum_g, axis=1) / N
+            sg = tl.sum(sum_g, axis=1)
+            c2 = sg / N
+            if IS_RMS:
+                c1 = tl.sum(sum_gx, axis=1) / N
+            else:
+                e = tl.sum(sum_d, axis=1) / N
+                c1 = (tl.sum(sum_gx, axis=1) - (e * rstd) * sg) / N
+            # Pass 2: ds with the corrected xhat (which also feeds dW).
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c[None, :] < N)
@@ -244,7 +261,7 @@ def add_norm_bwd_kernel(
                 if IS_RMS:
                     xhat = s * rstd[:, None]
                 else:
-                    xhat = (s - mean[:, None]) * rstd[:, None]
+                    xhat = ((s - mean[:, None]) - e[:, None]) * rstd[:, None]
                 xhat = tl.where(mask, xhat, 0.0)
                 if HAS_WEIGHT:
                     g = dy * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]

@@ -133,7 +133,11 @@ def layer_norm_cf_bwd_kernel(
             c64 = cs[:, None].to(tl.int64)
             x = tl.load(x_base + c64 * stride_xc, mask=mask, other=0.0).to(acc_ty)
             dy = tl.load(dy_base + c64 * stride_dyc, mask=mask, other=0.0).to(acc_ty)
-            xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+            # Remove the saved fp32 mean's rounding: e = mean(x - mean), subtracted on its own (not mean + e,
+            # which would round again). It matters when |mean| >> std, where dx cancels.
+            d = tl.where(mask, x - mean[None, :], 0.0)
+            e = tl.sum(d, axis=0) / C
+            xhat = tl.where(mask, (d - e[None, :]) * rstd[None, :], 0.0)
             if HAS_WEIGHT:
                 g = dy * w[:, None]
                 dw_acc += tl.sum(dy * xhat, axis=1)
@@ -146,28 +150,36 @@ def layer_norm_cf_bwd_kernel(
             dx = (g - xhat * c1[None, :] - c2[None, :]) * rstd[None, :]
             tl.store(dx_base + c64 * stride_dxc, dx.to(DX.dtype.element_ty), mask=mask)
         else:
+            # Pass 1: c1 = mean(g * xhat), c2 = mean(g), and e = mean(x - mean), the saved fp32 mean's rounding.
+            # xhat here still carries it; c1 is linear in xhat, so it is corrected afterwards.
             sum_gx = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_ty)
             sum_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_ty)
+            sum_d = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_ty)
             for start in range(0, C, BLOCK_C):
                 c = start + cs
                 mask = (c[:, None] < C) & p_mask[None, :]
                 c64 = c[:, None].to(tl.int64)
                 x = tl.load(x_base + c64 * stride_xc, mask=mask, other=0.0).to(acc_ty)
                 dy = tl.load(dy_base + c64 * stride_dyc, mask=mask, other=0.0).to(acc_ty)
-                xhat = (x - mean[None, :]) * rstd[None, :]
+                d = tl.where(mask, x - mean[None, :], 0.0)
+                sum_d += d
+                xhat = d * rstd[None, :]
                 if HAS_WEIGHT:
                     dy = dy * tl.load(W + c, mask=c < C, other=0.0).to(acc_ty)[:, None]
                 sum_gx += dy * xhat
                 sum_g += dy
-            c1 = tl.sum(sum_gx, axis=0) / C
-            c2 = tl.sum(sum_g, axis=0) / C
+            sg = tl.sum(sum_g, axis=0)
+            c2 = sg / C
+            e = tl.sum(sum_d, axis=0) / C
+            c1 = (tl.sum(sum_gx, axis=0) - (e * rstd) * sg) / C
+            # Pass 2: dx with the corrected xhat (which also feeds dW).
             for start in range(0, C, BLOCK_C):
                 c = start + cs
                 mask = (c[:, None] < C) & p_mask[None, :]
                 c64 = c[:, None].to(tl.int64)
                 x = tl.load(x_base + c64 * stride_xc, mask=mask, other=0.0).to(acc_ty)
                 dy = tl.load(dy_base + c64 * stride_dyc, mask=mask, other=0.0).to(acc_ty)
-                xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+                xhat = tl.where(mask, ((x - mean[None, :]) - e[None, :]) * rstd[None, :], 0.0)
                 if HAS_WEIGHT:
                     g = dy * tl.load(W + c, mask=c < C, other=0.0).to(acc_ty)[:, None]
                     dw_ptr = DW_partial + partial_row + c
