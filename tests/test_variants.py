@@ -771,15 +771,8 @@ def _far_case(op: str, width: int, seed: int, scale: float):
                 [x.view(2, 2, width), scale_, shift, *params], ["x", "scale", "shift", "weight", "bias"])
 
 
-# The native and reference backwards of layer_norm_2d and adaptive LayerNorm do not have the correction yet
-# (csrc/, reference_variants.py): the cases they fail are strict xfails, so fixing them flags these marks.
-_FAR_GAP = pytest.mark.xfail(strict=True, reason="native/reference backward lacks the mean-rounding correction")
-
-
 def _far_param(op: str, backend: str, case: tuple[int, int, float]):
-    gap = backend != "triton" and (op, case[0]) in {("cf", 2), ("cf", 3), ("ada", 2)}
-    return pytest.param(op, backend, case, id=f"{op}-{backend}-w{case[0]}-s{case[1]}",
-                        marks=[_FAR_GAP] if gap else [])
+    return pytest.param(op, backend, case, id=f"{op}-{backend}-w{case[0]}-s{case[1]}")
 
 
 FAR_CASES = [

@@ -640,14 +640,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_bwd(const at::Tenso
           A* dbr = has_b ? pdb.data() + blk * C : nullptr;
           for (int64_t t = t0; t < t1; ++t) {
             const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix, np = std::min(kPix, P - p0);
-            A c1[kPix], c2[kPix];
-            for (int64_t j = 0; j < np; ++j) c1[j] = c2[j] = 0;
+            // e = mean over channels of (x - mean): the saved mean's rounding, removed from xhat as in the
+            // LayerNorm backward (dx cancels when |mean| >> std).
+            A c1[kPix], c2[kPix], e[kPix];
+            for (int64_t j = 0; j < np; ++j) c1[j] = c2[j] = e[j] = 0;
+            for (int64_t c = 0; c < C; ++c)
+              for (int64_t j = 0; j < np; ++j)
+                e[j] += static_cast<A>(xp[n * sxn + c * sxc + (p0 + j) * sxp]) - mp[n * P + p0 + j];
+            for (int64_t j = 0; j < np; ++j) e[j] /= A(C);
             for (int64_t c = 0; c < C; ++c) {
               const A wc = wp ? wp[c] : A(1);
               A sw = 0, sb = 0;
               for (int64_t j = 0; j < np; ++j) {
                 const int64_t px = p0 + j;
-                const A xv = (static_cast<A>(xp[n * sxn + c * sxc + px * sxp]) - mp[n * P + px]) * rp[n * P + px];
+                const A xv =
+                    ((static_cast<A>(xp[n * sxn + c * sxc + px * sxp]) - mp[n * P + px]) - e[j]) * rp[n * P + px];
                 const A d = static_cast<A>(dyp[n * sdn + c * sdc + px * sdp]);
                 xh[c * kPix + j] = xv;
                 g[c * kPix + j] = d * wc;
@@ -795,9 +802,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ada_norm_
             to_acc(xp + bi * sxb + li * sxl, xh.data(), D);
             to_acc(dyp + bi * sdb + li * sdl, g.data(), D);
             const A mu = is_rms ? A(0) : mp[r], rs = rp[r];
+            // e = mean(x - mean), the saved mean's rounding, removed from xhat as in the LayerNorm backward.
+            A e = 0;
+            if (!is_rms) {
+              for (int64_t j = 0; j < D; ++j) e += xh[j] - mu;
+              e /= A(D);
+            }
             A c1 = 0, c2 = 0;
             for (int64_t j = 0; j < D; ++j) {
-              const A xv = (xh[j] - mu) * rs;
+              const A xv = ((xh[j] - mu) - e) * rs;
               const A d = g[j];
               const A nrm = (wp ? xv * wp[j] : xv) + (bp ? bp[j] : A(0));
               dsc[j] += d * nrm;

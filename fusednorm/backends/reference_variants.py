@@ -175,7 +175,9 @@ def layer_norm_cf_bwd(
     acc = _acc(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
     c = x.shape[1]
-    xhat = (xf - mean[:, None]) * rstd[:, None]
+    # remove the saved mean's rounding (as reference.layer_norm_bwd): e = mean over channels of (x - mean)
+    d = xf - mean[:, None]
+    xhat = (d - d.mean(dim=1, keepdim=True)) * rstd[:, None]
     g = dyf * weight.to(acc)[None, :, None] if weight is not None else dyf
     c1 = (g * xhat).sum(dim=1, keepdim=True) / c
     c2 = g.sum(dim=1, keepdim=True) / c
@@ -242,7 +244,11 @@ def ada_norm_bwd(
     acc = _acc(x.dtype)
     xf, dyf = x.to(acc), dy.to(acc)
     d = x.shape[2]
-    xhat = xf * rstd[..., None] if is_rms else (xf - mean[..., None]) * rstd[..., None]
+    if is_rms:
+        xhat = xf * rstd[..., None]
+    else:  # remove the saved mean's rounding (as reference.layer_norm_bwd): e = mean(x - mean)
+        xc = xf - mean[..., None]
+        xhat = (xc - xc.mean(dim=2, keepdim=True)) * rstd[..., None]
     n = xhat * weight.to(acc) if weight is not None else xhat
     if bias is not None:
         n = n + bias.to(acc)
