@@ -747,7 +747,10 @@ def test_torch_compile_fullgraph(backend):
 # dscale). add/layer_norm_2d width 37 and one width above each chunked backward's single-tile limit (add_norm
 # 8192, layer_norm_2d 128; the adaptive backward has no chunked kernel) run the corrected code paths, but there
 # torch's own fp32 error is as large or larger than the uncorrected kernels' (on the chunked cases about |dx|
-# itself), so the oracle cannot tell those apart.
+# itself), so the oracle cannot tell those apart. add width 3 seed 27 and adaptive width 3 seed 1 fail in the
+# forward instead: the Triton add+norm and adaptive forwards took the statistics of unshifted rows (y outside
+# the oracle: 7.1e-5 against 2 x 1.2e-5 + 2.1e-5, and 3.2e-4 against 2 x 3.2e-5 + 5e-5) until they were
+# shifted by the row's first element, as the LayerNorm forward.
 
 
 def _far_case(op: str, width: int, seed: int, scale: float):
@@ -777,11 +780,12 @@ def _far_param(op: str, backend: str, case: tuple[int, int, float]):
 
 FAR_CASES = [
     *[_far_param("add", b, (w, s, 1.0)) for b in ADD_BACKENDS
-      for w, s in ((2, 46), (2, 82), (3, 87), (3, 122), (37, 0))],
+      for w, s in ((2, 46), (2, 82), (3, 87), (3, 122), (3, 27), (37, 0))],
     *[_far_param("add", b, (8193, 0, 1e-2)) for b in ADD_BACKENDS],
     *[_far_param("cf", b, (w, s, 1.0)) for b in CF_BACKENDS for w, s in ((2, 13), (2, 30), (3, 7), (3, 28), (37, 0))],
     *[_far_param("cf", b, (130, 0, 1e-2)) for b in CF_BACKENDS],
-    *[_far_param("ada", b, (w, s, 1.0)) for b in ADA_BACKENDS for w, s in ((2, 16), (2, 18), (3, 27), (3, 30))],
+    *[_far_param("ada", b, (w, s, 1.0)) for b in ADA_BACKENDS
+      for w, s in ((2, 16), (2, 18), (3, 27), (3, 30), (3, 1))],
     *[_far_param("ada", b, (37, s, 1e-2)) for b in ADA_BACKENDS for s in (10, 26)],
 ]
 

@@ -26,7 +26,7 @@ from fusednorm.backends.triton.layer_norm import (
     persistent_programs,
     row_norm_config,
 )
-from fusednorm.backends.triton.welford import row_stats
+from fusednorm.backends.triton.welford import row_shift, row_stats
 
 BWD_MAX_D = 4096
 
@@ -47,16 +47,20 @@ def ada_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(X + (bidx * stride_xb + lidx * stride_xl)[:, None] + cols[None, :], mask=mask, other=0.0)
+    x_rows = X + (bidx * stride_xb + lidx * stride_xl)[:, None]
+    x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
     x = x.to(acc_ty)
     if IS_RMS:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
         xhat = x * rstd[:, None]
     else:
-        mean, m2 = row_stats(x, mask, N.to(acc_ty))
+        # statistics of x - K, K the row's first element (see welford.row_shift): no large offset in the sums
+        shift = row_shift(x_rows, row_mask).to(acc_ty)
+        xs = x - shift[:, None]
+        mean_s, m2 = row_stats(xs, mask, N.to(acc_ty))
         rstd = 1.0 / tl.sqrt(m2 / N + eps)
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        tl.store(Mean + rows, mean, mask=row_mask)
+        xhat = (xs - mean_s[:, None]) * rstd[:, None]
+        tl.store(Mean + rows, shift + mean_s, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
     y = xhat
     if HAS_WEIGHT:

@@ -96,10 +96,13 @@ def add_norm_fwd_kernel(
             rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
             xhat = s * rstd[:, None]
         else:
-            mean, m2 = row_stats(s, mask, N.to(acc_ty))
+            # statistics of s - K, K the row's first element (as the LayerNorm forward): no large offset in the sums
+            shift = tl.sum(tl.where(cols[None, :] == 0, s, 0.0), axis=1)
+            ss = s - shift[:, None]
+            mean_s, m2 = row_stats(ss, mask, N.to(acc_ty))
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
-            xhat = (s - mean[:, None]) * rstd[:, None]
-            tl.store(Mean + rows, mean, mask=row_mask)
+            xhat = (ss - mean_s[:, None]) * rstd[:, None]
+            tl.store(Mean + rows, shift + mean_s, mask=row_mask)
         tl.store(Rstd + rows, rstd, mask=row_mask)
         y = xhat
         if HAS_WEIGHT:
@@ -110,8 +113,9 @@ def add_norm_fwd_kernel(
     else:
         # Pass 1: form and store s chunk by chunk, merging chunk statistics with Chan's formula.
         count = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
-        mean = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
+        mean = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)  # of s - shift
         m2 = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
+        shift = tl.zeros([ROWS_PER_PROGRAM], dtype=acc_ty)
         sum_sq = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
         for start in range(0, N, BLOCK_N):
             c = start + cols
@@ -121,14 +125,16 @@ def add_norm_fwd_kernel(
             if IS_RMS:
                 sum_sq += s * s
             else:
+                # the shift K is the row's first element, taken from the first chunk
+                shift = tl.where(start == 0, tl.sum(tl.where(c[None, :] == 0, s, 0.0), axis=1), shift)
                 chunk_count = tl.minimum(N - start, BLOCK_N).to(acc_ty)
-                chunk_mean, chunk_m2 = row_stats(s, mask, chunk_count)
+                chunk_mean, chunk_m2 = row_stats(s - shift[:, None], mask, chunk_count)
                 count, mean, m2 = welford_merge(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
         if IS_RMS:
             rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=1) / N + eps)
         else:
             rstd = 1.0 / tl.sqrt(m2 / N + eps)
-            tl.store(Mean + rows, mean, mask=row_mask)
+            tl.store(Mean + rows, shift + mean, mask=row_mask)
         tl.store(Rstd + rows, rstd, mask=row_mask)
         tl.debug_barrier()  # pass 2 reads back S written by other threads of this program
         # Pass 2: normalize s (read back from S, L2-resident for a row of this size).
@@ -139,7 +145,7 @@ def add_norm_fwd_kernel(
             if IS_RMS:
                 y = s * rstd[:, None]
             else:
-                y = (s - mean[:, None]) * rstd[:, None]
+                y = ((s - shift[:, None]) - mean[:, None]) * rstd[:, None]
             if HAS_WEIGHT:
                 y = y * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]
             if HAS_BIAS:
