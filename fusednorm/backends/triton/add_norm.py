@@ -23,6 +23,7 @@ from fusednorm.backends.triton.layer_norm import (
     MAX_SINGLE_TILE,
     _device_ctx,
     persistent_programs,
+    row_bwd_coefficients,
     row_norm_config,
 )
 from fusednorm.backends.triton.welford import row_stats, welford_merge
@@ -230,12 +231,10 @@ def add_norm_bwd_kernel(
             _store_grads(DX, DR, ds, dx_row + cols[None, :], dr_row + cols[None, :], rows64, cols, mask, N,
                          drop_scale, seed, threshold, HAS_RESIDUAL, HAS_DROPOUT)
         else:
-            # Pass 1: c1 = mean(g * xhat), c2 = mean(g), and e = mean(s - mean), the saved fp32 mean's rounding.
-            # xhat here still carries it; c1 is linear in xhat, so it is corrected afterwards.
+            # Pass 1: the running sums behind c1, c2 and e (see layer_norm.row_bwd_coefficients).
             sum_gx = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
             sum_g = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
-            if not IS_RMS:
-                sum_d = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
+            sum_d = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)  # unused (and dropped) for RMS
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c[None, :] < N)
@@ -251,13 +250,7 @@ def add_norm_bwd_kernel(
                     dy = dy * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]
                 sum_gx += dy * xhat
                 sum_g += dy
-            sg = tl.sum(sum_g, axis=1)
-            c2 = sg / N
-            if IS_RMS:
-                c1 = tl.sum(sum_gx, axis=1) / N
-            else:
-                e = tl.sum(sum_d, axis=1) / N
-                c1 = (tl.sum(sum_gx, axis=1) - (e * rstd) * sg) / N
+            c1, c2, e = row_bwd_coefficients(sum_gx, sum_g, sum_d, rstd, N, IS_RMS)
             # Pass 2: ds with the corrected xhat (which also feeds dW).
             for start in range(0, N, BLOCK_N):
                 c = start + cols

@@ -115,6 +115,23 @@ def row_norm_fwd_kernel(
 
 
 @triton.jit
+def row_bwd_coefficients(sum_gx, sum_g, sum_d, rstd, N, IS_RMS: tl.constexpr):
+    """The row terms of a chunked LayerNorm/RMSNorm backward from pass 1's (R, BLOCK_N) running sums of
+    g * xhat, g and (LayerNorm) d = x - mean: c1 = mean(g * xhat), c2 = mean(g), and e = mean(x - mean), the
+    saved fp32 mean's rounding (0 for RMS). Pass 1's xhat = d * rstd still carries e; c1 is linear in xhat, so
+    it is corrected here: sum(g * xhat) - e * rstd * sum(g). Pass 2 then uses xhat = ((x - mean) - e) * rstd."""
+    sg = tl.sum(sum_g, axis=1)
+    c2 = sg / N
+    if IS_RMS:
+        e = tl.zeros_like(c2)
+        c1 = tl.sum(sum_gx, axis=1) / N
+    else:
+        e = tl.sum(sum_d, axis=1) / N
+        c1 = (tl.sum(sum_gx, axis=1) - (e * rstd) * sg) / N
+    return c1, c2, e
+
+
+@triton.jit
 def row_norm_bwd_kernel(
     DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial,
     stride_dy_row, stride_x_row, stride_dx_row, M, N,
@@ -171,13 +188,10 @@ def row_norm_bwd_kernel(
                 dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
             tl.store(dx_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         else:
-            # Pass 1: the two row reductions c1 = mean(g * xhat), c2 = mean(g), and e = mean(x - mean), the saved
-            # fp32 mean's rounding. xhat here still carries it (xhat - e * rstd is the corrected one); c1 is
-            # linear in xhat, so it is corrected afterwards: sum(g * xhat) - e * rstd * sum(g).
+            # Pass 1: the running sums behind c1, c2 and e (see row_bwd_coefficients).
             sum_gx = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
             sum_g = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
-            if not IS_RMS:
-                sum_d = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)
+            sum_d = tl.zeros([ROWS_PER_PROGRAM, BLOCK_N], dtype=acc_ty)  # unused (and dropped) for RMS
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_mask[:, None] & (c[None, :] < N)
@@ -193,13 +207,7 @@ def row_norm_bwd_kernel(
                     dy = dy * tl.load(W + c, mask=c < N, other=0.0).to(acc_ty)[None, :]
                 sum_gx += dy * xhat
                 sum_g += dy
-            sg = tl.sum(sum_g, axis=1)
-            c2 = sg / N
-            if IS_RMS:
-                c1 = tl.sum(sum_gx, axis=1) / N
-            else:
-                e = tl.sum(sum_d, axis=1) / N
-                c1 = (tl.sum(sum_gx, axis=1) - (e * rstd) * sg) / N
+            c1, c2, e = row_bwd_coefficients(sum_gx, sum_g, sum_d, rstd, N, IS_RMS)
             # Pass 2: dX, and this program's dW/dB partials (a row only it touches: no atomics needed).
             for start in range(0, N, BLOCK_N):
                 c = start + cols
