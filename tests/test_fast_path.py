@@ -1,9 +1,11 @@
 """The eager fast path of the op layer (issue #5): ``call_op`` runs a custom op's Python body without the
 torch.library dispatcher, and ``BackendPinnedFunction.call`` runs ``forward`` without ``autograd.Function.apply``
-when no gradient can be needed (see ``fusednorm/ops/__init__.py``).
+when no gradient can be needed; on the native backend, LayerNorm/RMSNorm, GroupNorm and BatchNorm go to the
+extension's C++ autograd ops instead (see ``fusednorm/ops/__init__.py``).
 
 Checked here, by counting calls (not by timing):
-- plain eager calls of every family take the fast path (no dispatcher call; no autograd node without grad);
+- plain eager calls of every family take the fast path (no custom-op dispatcher call; no Python autograd node
+  without grad; the C++ autograd op, and no Python autograd node at all, where the native backend runs it);
 - torch.compile, FakeTensorMode, a TorchDispatchMode, a torch-function mode, vmap, tensor subclasses and meta
   tensors take the dispatcher path, with correct results;
 - outputs, gradients and running statistics are bit-identical between the fast and the slow path.
@@ -23,19 +25,34 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusednorm.functional as F
 import fusednorm.modules as fm
-from fusednorm import ops
+from fusednorm import backends, ops
 from fusednorm.ops import BackendPinnedFunction
+
+try:
+    from fusednorm.backends import native as NATIVE
+except ImportError:  # the extension is not built: every family takes the Python fast path
+    NATIVE = None
+
+
+def _native_runs(op: str, x: torch.Tensor) -> bool:
+    """True when the backend in force runs ``op`` on ``x`` with the native extension (its C++ autograd ops)."""
+    return NATIVE is not None and backends.select(op, x) is NATIVE
 
 
 class Spy:
-    """Counts fast-path op bodies, dispatcher calls made by ``call_op`` and ``autograd.Function.apply`` calls."""
+    """Counts fast-path op bodies, calls of the native backend's C++ autograd ops, dispatcher calls made by
+    ``call_op`` and ``autograd.Function.apply`` calls."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, calls: bool = True) -> None:
         self.fast: Counter[str] = Counter()
+        self.native: Counter[str] = Counter()
         self.dispatch: Counter[str] = Counter()
         self.apply = 0
         for op, body in list(ops._EAGER_IMPLS.items()):
             monkeypatch.setitem(ops._EAGER_IMPLS, op, self._counting(op._name, body))
+        if NATIVE is not None:
+            for family, entry in list(NATIVE.AUTOGRAD_OPS.items()):
+                monkeypatch.setitem(NATIVE.AUTOGRAD_OPS, family, self._counting(family, entry, self.native))
         if not calls:  # count op bodies only (dynamo must not trace patched torch internals)
             return
         real_call = CustomOpDef.__call__
@@ -53,9 +70,15 @@ class Spy:
 
         monkeypatch.setattr(BackendPinnedFunction, "apply", classmethod(counting_apply))
 
-    def _counting(self, name: str, body: Callable) -> Callable:
+    def taken(self) -> int:
+        """How many fast-path calls were made: op bodies run directly plus C++ autograd ops."""
+        return sum(self.fast.values()) + sum(self.native.values())
+
+    def _counting(self, name: str, body: Callable, counter: Counter[str] | None = None) -> Callable:
+        counter = self.fast if counter is None else counter
+
         def run(*args):
-            self.fast[name] += 1
+            counter[name] += 1
             return body(*args)
 
         return run
@@ -121,7 +144,8 @@ def _sn():
 
 
 CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
-    # name: (maker, call(diff, other), ops the fast path must run)
+    # name: (maker, call(diff, other), ops the fast path must run). Families with a C++ autograd op run that
+    # instead on the native backend (NATIVE_FAMILY).
     "layer_norm": (_ln, lambda d, o: (F.layer_norm(d[0], (37,), d[1], d[2]),), ("layer_norm_fwd",)),
     "layer_norm_2d_shape": (
         _ln, lambda d, o: (F.layer_norm(d[0], (5, 37), None, None),), ("layer_norm_fwd",)
@@ -129,6 +153,13 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
     "rms_norm": (_rms, lambda d, o: (F.rms_norm(d[0], (37,), d[1]),), ("layer_norm_fwd",)),
     "group_norm_silu": (
         _gn, lambda d, o: (F.group_norm(d[0], 3, d[1], d[2], activation="silu"),), ("group_norm_fwd",)
+    ),
+    "batch_norm_train_cl": (
+        _bn,
+        lambda d, o: (
+            F.batch_norm(d[0].to(memory_format=torch.channels_last), o[0], o[1], d[1], d[2], True, 0.3), o[0], o[1]
+        ),
+        ("batch_norm_stats", "batch_norm_apply"),
     ),
     "instance_norm": (
         _inorm, lambda d, o: (F.instance_norm(d[0], o[0], o[1], d[1], d[2], momentum=0.3), o[0], o[1]),
@@ -163,6 +194,14 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
 }
 
 
+# The case's C++ autograd op on the native backend (the first op the case's Python path runs decides).
+NATIVE_FAMILY = {
+    "layer_norm": "layer_norm", "layer_norm_2d_shape": "layer_norm", "rms_norm": "layer_norm",
+    "group_norm_silu": "group_norm", "batch_norm_train": "batch_norm", "batch_norm_train_cl": "batch_norm",
+    "batch_norm_eval": "batch_norm",
+}
+
+
 def _run(name: str, inputs, grad: bool):
     """Run case ``name`` on copies of ``inputs``; returns (outputs, gradients of the differentiable inputs)."""
     _, call, _ = CASES[name]
@@ -187,19 +226,26 @@ def test_fast_path_taken_and_bit_identical(name, grad, monkeypatch):
     inputs = maker()
     spy = Spy(monkeypatch)
     fast_out, fast_grads = _run(name, inputs, grad)
-    for op in fast_ops:
-        assert spy.fast[op] >= 1, (op, spy.fast)
-    assert not spy.dispatch, f"plain eager went through the dispatcher: {spy.dispatch}"
-    if grad:
-        assert spy.apply >= 1  # an autograd node is needed
+    family = NATIVE_FAMILY.get(name)
+    if family is not None and _native_runs(fast_ops[0], inputs[0][0]):
+        assert spy.native[family] == 1 and not spy.fast, (spy.native, spy.fast)
+        assert spy.apply == 0, "the C++ autograd op records its own node: no Python autograd.Function"
     else:
-        assert spy.apply == 0, "no input requires grad: no autograd.Function.apply"
+        assert not spy.native, spy.native
+        for op in fast_ops:
+            assert spy.fast[op] >= 1, (op, spy.fast)
+        if grad:
+            assert spy.apply >= 1  # an autograd node is needed
+        else:
+            assert spy.apply == 0, "no input requires grad: no autograd.Function.apply"
+    assert not spy.dispatch, f"plain eager went through the dispatcher: {spy.dispatch}"
 
     with monkeypatch.context() as m:
         _force_slow_path(m)
-        before = sum(spy.fast.values())
+        before, native_before = sum(spy.fast.values()), sum(spy.native.values())
         slow_out, slow_grads = _run(name, inputs, grad)
         assert sum(spy.fast.values()) == before, "the forced slow path ran an op body directly"
+        assert sum(spy.native.values()) == native_before, "the forced slow path ran a C++ autograd op"
         assert spy.dispatch, "the slow path must call the custom ops"
 
     assert len(fast_out) == len(slow_out)
@@ -228,17 +274,27 @@ def test_modules_with_parameters_take_the_fast_path(spy):
     ln = fm.LayerNorm(16)
     bn = fm.BatchNorm2d(6).eval()
     gn = fm.GroupNorm(3, 6)
+    x = torch.randn(2, 16)
+    native = _native_runs("layer_norm_fwd", x)
     with torch.no_grad():
-        ln(torch.randn(2, 16))
+        ln(x)
         bn(torch.randn(2, 6, 3, 3))
         gn(torch.randn(2, 6, 3, 3))
-    assert spy.fast["layer_norm_fwd"] == 1
-    assert spy.fast["batch_norm_apply"] == 1
-    assert spy.fast["group_norm_fwd"] == 1
+    if native:
+        assert spy.native == Counter({"layer_norm": 1, "batch_norm": 1, "group_norm": 1}) and not spy.fast
+    else:
+        assert spy.fast["layer_norm_fwd"] == 1
+        assert spy.fast["batch_norm_apply"] == 1
+        assert spy.fast["group_norm_fwd"] == 1
     assert not spy.dispatch and spy.apply == 0
-    ln(torch.randn(2, 16)).sum().backward()  # Parameters require grad: autograd, but still no dispatcher
-    assert spy.apply == 1 and not spy.dispatch
-    assert ln.weight.grad is not None and spy.fast["layer_norm_bwd"] == 1
+    y = ln(torch.randn(2, 16))  # Parameters require grad: autograd, but still no dispatcher
+    y.sum().backward()
+    assert not spy.dispatch and ln.weight.grad is not None
+    if native:
+        assert spy.apply == 0 and spy.native["layer_norm"] == 2 and not spy.fast
+        assert y.grad_fn.name().endswith("autograd_ops::LayerNormFunction>")
+    else:
+        assert spy.apply == 1 and spy.fast["layer_norm_bwd"] == 1
 
 
 # ---- where the fast path must not be taken -------------------------------------------------------------------
@@ -255,7 +311,7 @@ def test_not_taken_under_fake_tensor_mode(spy):
         y = F.layer_norm(x, (11,), w, None)
         z = F.batch_norm(torch.randn(2, 4, 3), torch.zeros(4), torch.ones(4), training=True)
     assert y.shape == (3, 11) and z.shape == (2, 4, 3)
-    assert not spy.fast
+    assert not spy.taken()
     assert spy.dispatch["layer_norm_fwd"] == 1 and spy.dispatch["batch_norm_stats"] == 1
 
 
@@ -272,10 +328,10 @@ class _Recorder(TorchDispatchMode):
 def test_not_taken_under_a_dispatch_mode(spy):
     x, w, b = torch.randn(5, 13), torch.randn(13), torch.randn(13)
     expected = F.layer_norm(x, (13,), w, b)
-    fast_before = sum(spy.fast.values())
+    fast_before = spy.taken()
     with _Recorder() as rec:
         y = F.layer_norm(x, (13,), w, b)
-    assert sum(spy.fast.values()) == fast_before
+    assert spy.taken() == fast_before
     assert any("fusednorm.layer_norm_fwd" in s for s in rec.seen), rec.seen
     assert torch.equal(y, expected)
 
@@ -293,10 +349,10 @@ class _FunctionRecorder(TorchFunctionMode):
 def test_not_taken_under_a_torch_function_mode(spy):
     x, w = torch.randn(5, 13), torch.randn(13)
     expected = F.rms_norm(x, (13,), w)
-    fast_before = sum(spy.fast.values())
+    fast_before = spy.taken()
     with _FunctionRecorder():
         y = F.rms_norm(x, (13,), w)
-    assert sum(spy.fast.values()) == fast_before
+    assert spy.taken() == fast_before
     assert spy.dispatch["layer_norm_fwd"] == 1
     assert torch.equal(y, expected)
 
@@ -308,9 +364,9 @@ class _Sub(torch.Tensor):
 def test_not_taken_for_tensor_subclasses(spy):
     x, w, b = torch.randn(4, 10), torch.randn(10), torch.randn(10)
     expected = F.layer_norm(x, (10,), w, b)
-    fast_before = sum(spy.fast.values())
+    fast_before = spy.taken()
     y = F.layer_norm(x.as_subclass(_Sub), (10,), w, b)
-    assert sum(spy.fast.values()) == fast_before
+    assert spy.taken() == fast_before
     assert spy.dispatch["layer_norm_fwd"] == 1
     assert torch.equal(y.as_subclass(torch.Tensor), expected)
 
@@ -318,7 +374,7 @@ def test_not_taken_for_tensor_subclasses(spy):
 def test_not_taken_for_meta_tensors(spy):
     y = F.group_norm(torch.empty(2, 6, 4, 4, device="meta"), 3)
     assert y.device.type == "meta" and y.shape == (2, 6, 4, 4)
-    assert not spy.fast and spy.dispatch["group_norm_fwd"] == 1
+    assert not spy.taken() and spy.dispatch["group_norm_fwd"] == 1
 
 
 def test_not_taken_under_vmap(spy):
@@ -332,7 +388,7 @@ def test_not_taken_under_vmap(spy):
         y = torch.vmap(body)(x)
     except RuntimeError:
         y = None  # no batching rule: an error is fine, running the body on batched tensors silently is not
-    assert not spy.fast and spy.dispatch["layer_norm_fwd"] >= 1
+    assert not spy.taken() and spy.dispatch["layer_norm_fwd"] >= 1
     if y is not None:
         # Another implementation (torch's fp32 layer_norm) on rows of 8 values of order 1: agreement to ~100 fp32
         # ulps, not bit-identity (which the other tests of this file check between fusednorm's own two paths).
@@ -340,7 +396,7 @@ def test_not_taken_under_vmap(spy):
     # The functional's autograd.Function has no vmap rule: it must fail the same way as before the fast path.
     with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.vmap(lambda t: F.layer_norm(t, (8,)))(x)
-    assert not spy.fast
+    assert not spy.taken()
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
@@ -357,18 +413,18 @@ def test_not_taken_under_torch_compile(grad, monkeypatch):
 
     rm_e, rv_e = rm.clone(), rv.clone()
     expected = f(x, w, xb, rm_e, rv_e)
-    fast_eager = sum(spy.fast.values())
+    fast_eager = spy.taken()
     assert fast_eager > 0
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = compiled(x, w, xb, rm, rv)
-    assert sum(spy.fast.values()) == fast_eager, "compiled code ran an op body through the fast path"
+    assert spy.taken() == fast_eager, "compiled code ran an op body through the fast path"
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(rm, rm_e) and torch.equal(rv, rv_e)
     if grad:
         sum(o.sum() for o in got).backward()
         assert x.grad is not None and w.grad is not None and xb.grad is not None
-        assert sum(spy.fast.values()) == fast_eager
+        assert spy.taken() == fast_eager
     torch._dynamo.reset()
 
 
@@ -376,27 +432,41 @@ def test_not_taken_under_the_profiler(spy):
     """A profile must show the fusednorm::* ops, which only the dispatcher records."""
     x, w = torch.randn(4, 12), torch.randn(12)
     expected = F.layer_norm(x, (12,), w)
-    fast_before = sum(spy.fast.values())
+    fast_before = spy.taken()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         y = F.layer_norm(x, (12,), w)
-    assert sum(spy.fast.values()) == fast_before
+    assert spy.taken() == fast_before
     assert any(e.key == "fusednorm::layer_norm_fwd" for e in prof.key_averages())
     assert torch.equal(y, expected)
 
 
-@pytest.mark.parametrize("case", ["layer_norm", "switchable_norm"])
-def test_double_backward_still_goes_through_the_dispatcher(case, spy):
-    """With create_graph=True the backward runs in grad mode on tensors that require grad: its ops must go through
-    the dispatcher (which says there is no double-backward formula), not record the body's inner ops."""
+@pytest.mark.parametrize("case", ["layer_norm", "group_norm", "batch_norm", "switchable_norm"])
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_double_backward_raises(case, path, spy, monkeypatch):
+    """With create_graph=True the first-order gradients are still right, but a second backward through them must
+    raise (no double-backward formula), never give silently wrong higher-order gradients. The slow path's backward
+    ops go through the dispatcher, the native fast path's C++ nodes give the gradients an erroring node."""
+    if path == "slow":
+        _force_slow_path(monkeypatch)
     x = torch.randn(3, 8, requires_grad=True)
     w = torch.randn(8, requires_grad=True)
+    x4 = x.view(3, 8, 1, 1).expand(3, 8, 2, 2)
     if case == "layer_norm":
         y = F.layer_norm(x, (8,), w)
+    elif case == "group_norm":
+        y = F.group_norm(x4, 4, w)
+    elif case == "batch_norm":
+        y = F.batch_norm(x4, None, None, w, None, True)
     else:
-        x4 = x.view(3, 8, 1, 1).expand(3, 8, 2, 2)
         y = F.switchable_norm(x4, None, None, w, torch.randn(8), torch.randn(3), torch.randn(3), True)
-    (g,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    assert spy.dispatch, "the backward op must go through the dispatcher under create_graph=True"
+    loss = (y * y).sum()
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    (expected,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch.testing.assert_close(g.detach(), expected, rtol=0, atol=0)
+    if path == "slow" or case == "switchable_norm" or not _native_runs("layer_norm_fwd", x):
+        assert spy.dispatch, "the backward op must go through the dispatcher under create_graph=True"
+    else:
+        assert spy.native[case] == 1 and not spy.dispatch
     with pytest.raises(RuntimeError, match="no autograd formula"):
         g.sum().backward()
 
@@ -413,3 +483,65 @@ def test_plain_eager_predicate():
         assert not ops.plain_eager((x,))
     with FakeTensorMode() as mode:
         assert not ops.plain_eager((mode.from_tensor(x),))
+
+
+# ---- the native backend's C++ autograd ops against the Python autograd path --------------------------------
+
+
+def _family_call(family: str, x, w, b, bufs):
+    if family == "layer_norm":
+        return F.layer_norm(x, (x.shape[-1],), w, b)
+    if family == "rms_norm":
+        return F.rms_norm(x, (x.shape[-1],), w)
+    if family == "group_norm":
+        return F.group_norm(x, 3, w, b)
+    training = family == "batch_norm_train"
+    return F.batch_norm(x, bufs[0], bufs[1], w, b, training, 0.25)
+
+
+@pytest.mark.skipif(NATIVE is None, reason="the native extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("needs", ["x", "params", "all"])
+@pytest.mark.parametrize(
+    ("family", "affine"),
+    [
+        (f, a)
+        for f in ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval")
+        for a in (("none", "weight") if f == "rms_norm" else ("none", "weight", "bias", "both"))
+    ],
+)
+def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype, monkeypatch):
+    """Every combination of absent parameters and of which inputs require grad (the C++ node indexes only the
+    tensors given), fp32 and bf16 input with fp32 parameters, channels_last for the (N, C, H, W) families:
+    outputs, gradients and running buffers bit-identical to the Python autograd.Function path."""
+    gen = torch.Generator().manual_seed(3)
+    rows = family in ("layer_norm", "rms_norm")
+    x0 = torch.randn((5, 2, 19) if rows else (4, 6, 5, 3), generator=gen).to(dtype)
+    if not rows:
+        x0 = x0.to(memory_format=torch.channels_last)
+    n = x0.shape[-1] if rows else x0.shape[1]
+    w0 = torch.randn(n, generator=gen) if affine in ("weight", "both") else None
+    b0 = torch.randn(n, generator=gen) if affine in ("bias", "both") else None
+    bufs0 = (torch.randn(n, generator=gen), torch.rand(n, generator=gen) + 0.5)
+    dy = torch.randn(x0.shape, generator=gen).to(dtype)
+
+    def run():
+        x = x0.clone().requires_grad_(needs in ("x", "all"))
+        w, b = (None if p is None else p.clone().requires_grad_(needs in ("params", "all")) for p in (w0, b0))
+        bufs = tuple(t.clone() for t in bufs0)
+        y = _family_call(family, x, w, b, bufs)
+        leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, leaves, dy) if leaves and y.requires_grad else ()
+        return y.detach(), grads, bufs
+
+    spy = Spy(monkeypatch)
+    fast = run()
+    assert sum(spy.native.values()) == 1 and not spy.fast and spy.apply == 0
+    _force_slow_path(monkeypatch)
+    slow = run()
+    assert fast[0].stride() == slow[0].stride() and torch.equal(fast[0], slow[0])
+    assert len(fast[1]) == len(slow[1])
+    for a, b in zip(fast[1], slow[1], strict=True):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+    for a, b in zip(fast[2], slow[2], strict=True):
+        assert torch.equal(a, b)

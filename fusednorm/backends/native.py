@@ -42,6 +42,15 @@ _OPS = frozenset(
 )
 
 
+# The extension's C++ autograd ops (csrc/autograd.cpp), by family; the op layer's eager path calls them (see
+# ``fusednorm.ops.native_autograd_op``). Each records its own autograd node and runs the ops above.
+AUTOGRAD_OPS = {
+    "layer_norm": _ops.layer_norm.default,
+    "group_norm": _ops.group_norm.default,
+    "batch_norm": _ops.batch_norm.default,
+}
+
+
 def has_cuda() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return bool(_ops.has_cuda())

@@ -20,6 +20,12 @@ torch-function mode, tracing, compiling, a vmap/grad transform, a forward-AD dua
 ``create_graph=True`` backward) takes the original path, so the results there are unchanged.
 ``tests/test_fast_path.py`` checks both sides and bit-identical outputs. One check is lost on the fast path: the
 dispatcher's "output aliases an input" check of custom ops (a debugging aid; ``opcheck`` covers the bodies).
+
+Native autograd. Even the fast path builds a Python autograd node and runs a Python backward, which costs ~100 us
+per call when the caches are cold (the normal state after a memory-bound kernel). When the native backend runs
+a call, LayerNorm/RMSNorm, GroupNorm and BatchNorm go instead to the extension's C++ autograd ops
+(``csrc/autograd.cpp``, listed in the backend's ``AUTOGRAD_OPS``): one dispatcher call that runs the same
+backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from fusednorm import backends
 from fusednorm.backends import get_backend, use_backend
 
 
@@ -132,6 +139,22 @@ def call_op(op: Any, *args: Any) -> Any:
     if _plain_mode() and _plain_args(args, torch.is_grad_enabled()):
         return _EAGER_IMPLS[op](*args)
     return op(*args)
+
+
+_NO_AUTOGRAD_OPS: dict[str, Callable[..., Any]] = {}
+
+
+def native_autograd_op(family: str, backend_op: str, x: Tensor, args: Sequence[Any]) -> Callable[..., Any] | None:
+    """The native extension's C++ autograd op for ``family`` (``"layer_norm"``, ``"group_norm"``,
+    ``"batch_norm"``) when this call may use it, else None (use the Python autograd.Function).
+
+    It may when the call is plain eager (as for ``call_op``; gradients may be required: the op records its own
+    node), no forward-AD level is active (the C++ node has no forward derivative; the Python path raises the
+    error), and the backend in force runs ``backend_op`` on ``x`` with the native extension. The caller handles
+    zero-size tensors itself (the C++ ops do not)."""
+    if _forward_ad._current_level >= 0 or not _plain_mode() or not _plain_args(args, False):
+        return None
+    return getattr(backends.select(backend_op, x), "AUTOGRAD_OPS", _NO_AUTOGRAD_OPS).get(family)
 
 
 def forward_op(ctx: Any, op: Any, *args: Any) -> Any:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
-from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op, forward_op
+from fusednorm.ops import BackendPinnedFunction, acc_dtype, call_op, custom_op, forward_op, native_autograd_op
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -221,8 +221,14 @@ def batch_norm_nd(
 ) -> Tensor:
     """BatchNorm of x (N, C, *spatial) with validated arguments (see ``fusednorm.functional.batch_norm``)."""
     c = x.shape[1]
-    return BatchNormFunction.call(
+    args = (
         x, _channel_vector(weight, c), _channel_vector(bias, c), running_mean, running_var, bool(training),
         momentum, float(eps),
     )
+    # The C++ op takes a float momentum; a tensor one (the cumulative average) stays on the Python path.
+    if x.numel() and type(momentum) is float:
+        native = native_autograd_op("batch_norm", "batch_norm_apply", x, args)
+        if native is not None:
+            return native(*args)
+    return BatchNormFunction.call(*args)
 

@@ -24,6 +24,7 @@ from fusednorm.ops import (
     custom_op,
     forward_op,
     grad_or_empty,
+    native_autograd_op,
     none_if_absent,
 )
 
@@ -181,9 +182,20 @@ def group_norm_nd(
     Layouts the kernels cannot address (neither the channel nor the flattened spatial axis unit-stride) are copied
     once to the format torch would give the result; contiguous and channels_last inputs are never copied.
     """
-    if x.numel() > 0 and not _addressable(x):
+    if x.numel() == 0:
+        return GroupNormFunction.call(x, weight, bias, int(num_groups), float(eps), activation, with_var)
+    if not _addressable(x):
         x = x.contiguous(memory_format=_memory_format(x))
-    return GroupNormFunction.call(x, weight, bias, int(num_groups), float(eps), activation, with_var)
+    args = (x, weight, bias, int(num_groups), float(eps), activation)
+    native = None if with_var else native_autograd_op("group_norm", "group_norm_fwd", x, args)
+    if native is None:
+        return GroupNormFunction.call(*args, with_var)
+    y = native(*args)
+    return y, _NO_STATS, _NO_STATS
+
+
+# group_norm_nd's (mean, var) when with_var is False: callers ignore them (0-size, as GroupNormFunction's var)
+_NO_STATS = torch.empty(0)
 
 
 def _addressable(x: Tensor) -> bool:

@@ -20,6 +20,7 @@ from fusednorm.ops import (
     custom_op,
     forward_op,
     grad_or_empty,
+    native_autograd_op,
     none_if_absent,
 )
 
@@ -112,7 +113,9 @@ def layer_norm_rows(
 ) -> Tensor:
     """Normalize ``x`` over its trailing ``n`` elements (already validated). Returns a tensor shaped like x."""
     rows = x if is_rows(x, n) else as_rows(x, n)
-    y = LayerNormFunction.call(rows, as_vector(weight, n), as_vector(bias, n), float(eps), is_rms)
+    args = (rows, as_vector(weight, n), as_vector(bias, n), float(eps), is_rms)
+    native = native_autograd_op("layer_norm", "layer_norm_fwd", rows, args) if rows.numel() else None
+    y = native(*args) if native is not None else LayerNormFunction.call(*args)
     return y if rows is x else y.view_as(x)
 
 

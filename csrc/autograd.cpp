@@ -1,0 +1,284 @@
+// C++ autograd for the native backend's eager fast path: one dispatcher call per norm.
+//
+// fusednorm's op layer (fusednorm/ops/) wraps the backend ops in Python autograd.Functions. Building a Python
+// autograd node and running a Python backward costs ~100 us per call when the caches are cold, which is the
+// normal state after a memory-bound kernel: as much as a small norm's kernel. These ops do the same work in
+// C++: `fusednorm_C::layer_norm`, `group_norm` and `batch_norm` run the forward op, record a
+// torch::autograd::Function node when an input requires grad, and run the backward ops from it. The kernels
+// are the backend's own ops (called through the dispatcher, so CPU and CUDA tensors both work); the Python
+// path and this one give bit-identical outputs and gradients (tests/test_fast_path.py).
+//
+// The Python op layer calls these only in plain eager mode on non-empty tensors; torch.compile, tracing,
+// dispatch modes, vmap and forward AD keep going through the Python custom ops, which are what they see.
+// Double backward is not supported, as on the Python path: after a backward run with create_graph=True, a second
+// backward through these gradients raises (guard_double_backward) instead of giving wrong higher-order gradients.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace fusednorm {
+namespace autograd_ops {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = c10::optional<Tensor>;
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> backend_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+OptTensor as_optional(const Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
+
+// The backward ops have no autograd formula of their own. In a backward run with create_graph=True on tensors
+// that require grad, the gradients get a node that raises when a second backward reaches it, as the Python
+// custom ops do; higher-order gradients are never silently wrong, and first-order ones still work.
+void guard_double_backward(const char* name, variable_list& grads, const Tensor& dy, const Tensor& x,
+                           const Tensor& weight, const Tensor& bias) {
+  if (!at::GradMode::is_enabled()) return;
+  auto next = torch::autograd::collect_next_edges(dy, x, weight, bias);
+  bool any = false;
+  for (const auto& e : next) any = any || e.is_valid();
+  if (!any) return;
+  auto node = c10::make_intrusive<torch::autograd::Error>(
+      std::string("fusednorm_C::") + name + ": no autograd formula for its backward (double backward is not supported)",
+      std::move(next));
+  for (auto& g : grads) {
+    if (g.defined()) torch::autograd::set_history(g, node);
+  }
+}
+
+}  // namespace
+
+// The Function types are outside the anonymous namespace: their names are the autograd nodes' names
+// (torch::autograd::CppNode<fusednorm::autograd_ops::LayerNormFunction>).
+
+// ---- LayerNorm / RMSNorm over rows (M, N) -------------------------------------------------------------
+
+using LayerNormFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
+                                                           double, bool);
+using LayerNormBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                           const OptTensor&, const Tensor&, const Tensor&, bool);
+
+struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                        double eps, bool is_rms) {
+    static auto fwd = backend_op<LayerNormFwdSig>("fusednorm_C::layer_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, mean, rstd] = fwd.call(x, weight, bias, eps, is_rms);
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["is_rms"] = is_rms;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = backend_op<LayerNormBwdSig>("fusednorm_C::layer_norm_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    Tensor dy = grads[0];
+    variable_list out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      if (dy.stride(-1) != 1) dy = dy.contiguous();  // autograd may hand over an expanded gradient
+      auto [dx, dw, db] = bwd.call(dy, x, as_optional(weight), as_optional(bias), saved[3], saved[4],
+                                   ctx->saved_data["is_rms"].toBool());
+      out = {dx, weight.defined() ? dw : Tensor(), bias.defined() ? db : Tensor(), Tensor(), Tensor()};
+    }
+    guard_double_backward("layer_norm", out, grads[0], x, weight, bias);
+    return out;
+  }
+};
+
+Tensor layer_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, bool is_rms) {
+  return LayerNormFunction::apply(x, weight, bias, eps, is_rms);
+}
+
+// ---- GroupNorm (+ SiLU) over (N, C, *spatial) ---------------------------------------------------------
+
+using GroupNormFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
+                                                           int64_t, double, c10::string_view);
+using GroupNormBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                           const OptTensor&, const Tensor&, const Tensor&,
+                                                           int64_t, c10::string_view);
+
+struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                        int64_t num_groups, double eps, c10::string_view activation) {
+    static auto fwd = backend_op<GroupNormFwdSig>("fusednorm_C::group_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, mean, rstd] = fwd.call(x, weight, bias, num_groups, eps, activation);
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["activation"] = std::string(activation);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = backend_op<GroupNormBwdSig>("fusednorm_C::group_norm_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    const Tensor& dy = grads[0];
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    variable_list out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto [dx, dw, db] = bwd.call(dy, x, as_optional(weight), as_optional(bias), saved[3], saved[4],
+                                   ctx->saved_data["num_groups"].toInt(), activation);
+      out = {dx, weight.defined() ? dw : Tensor(), bias.defined() ? db : Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    guard_double_backward("group_norm", out, dy, x, weight, bias);
+    return out;
+  }
+};
+
+Tensor group_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t num_groups,
+                  double eps, c10::string_view activation) {
+  return GroupNormFunction::apply(x, weight, bias, num_groups, eps, activation);
+}
+
+// ---- BatchNorm over (N, C, *spatial) --------------------------------------------------------------------
+
+using BatchNormStatsSig = std::tuple<Tensor, Tensor>(const Tensor&);
+using BatchNormApplySig = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                 const OptTensor&);
+using BatchNormBwdReduceSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&);
+using BatchNormBwdDxSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                 const Tensor&, const Tensor&, int64_t, bool);
+
+namespace {
+
+// Equal strides on every dim of size > 1 (size-1 dims carry no layout).
+bool same_layout(const Tensor& a, const Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// `out` with the strides of at::empty_like(x), as the op layer's fake impls promise (fusednorm/ops/batch_norm.py
+// `_like_x`): a copy only when a backend returned another layout.
+Tensor like_x(const Tensor& out, const Tensor& x) {
+  if (out.strides() == x.strides() || same_layout(out, x)) return out;
+  Tensor fixed = at::empty_like(x);
+  if (same_layout(out, fixed)) return out;
+  fixed.copy_(out);
+  return fixed;
+}
+
+Tensor to_acc(const Tensor& t, int64_t c, at::ScalarType acc) {
+  const Tensor v = t.dim() == 1 ? t : t.reshape({c});
+  return v.scalar_type() == acc ? v : v.to(acc);
+}
+
+}  // namespace
+
+struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                        double momentum, double eps) {
+    static auto stats = backend_op<BatchNormStatsSig>("fusednorm_C::batch_norm_stats");
+    static auto apply_op = backend_op<BatchNormApplySig>("fusednorm_C::batch_norm_apply");
+    const int64_t c = x.size(1);
+    const int64_t count = c ? x.numel() / c : 0;
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    Tensor mean, rstd;
+    if (training) {
+      Tensor m2;
+      {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        std::tie(mean, m2) = stats.call(x);
+      }
+      if (count > 0) {
+        rstd = (m2 / count).add_(eps).rsqrt_();
+        // In place (bumping the buffers' version counters, as torch's own update does): running =
+        // (1 - momentum) * running + momentum * statistic, with the unbiased variance.
+        const std::pair<const OptTensor*, Tensor> updates[] = {{&running_mean, mean},
+                                                               {&running_var, m2 / (count - 1)}};
+        for (const auto& [buf, stat] : updates) {
+          if (!buf->has_value()) continue;
+          Tensor s = stat.to(buf->value().scalar_type());
+          if (s.sizes() != buf->value().sizes()) s = s.view(buf->value().sizes());
+          buf->value().mul_(1 - momentum).add_(s * momentum);
+        }
+      } else {  // empty batch: nothing to normalize, buffers untouched (torch)
+        rstd = at::zeros_like(m2);
+      }
+    } else {
+      TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+                  "fusednorm_C::batch_norm: evaluation needs running_mean and running_var");
+      mean = to_acc(*running_mean, c, acc);
+      rstd = (to_acc(*running_var, c, acc) + eps).rsqrt_();
+    }
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      y = like_x(apply_op.call(x, mean, rstd, weight, bias), x);
+    }
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["count"] = count;
+    ctx->saved_data["training"] = training;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto reduce = backend_op<BatchNormBwdReduceSig>("fusednorm_C::batch_norm_bwd_reduce");
+    static auto bwd_dx = backend_op<BatchNormBwdDxSig>("fusednorm_C::batch_norm_bwd_dx");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
+    const Tensor& dy = grads[0];
+    const bool training = ctx->saved_data["training"].toBool();
+    // needs_input_grad counts only the tensor inputs that were given: an absent weight takes no index
+    size_t edge = 0;
+    const bool need_x = ctx->needs_input_grad(edge++);
+    const bool need_w = weight.defined() && ctx->needs_input_grad(edge++);
+    const bool need_b = bias.defined() && ctx->needs_input_grad(edge++);
+    Tensor sum_dy, sum_dy_xhat, dx, dw, db;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    if ((need_x && training) || need_w || need_b) {
+      std::tie(sum_dy, sum_dy_xhat) = reduce.call(dy, x, mean, rstd);
+    } else {
+      sum_dy = sum_dy_xhat = mean.new_empty({0});
+    }
+    if (need_x) {
+      dx = like_x(bwd_dx.call(dy, x, mean, rstd, as_optional(weight), sum_dy, sum_dy_xhat,
+                              ctx->saved_data["count"].toInt(), training),
+                  x);
+    }
+    if (need_w) dw = sum_dy_xhat.to(weight.scalar_type());
+    if (need_b) db = sum_dy.to(bias.scalar_type());
+    variable_list out = {dx, dw, db, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    guard_double_backward("batch_norm", out, dy, x, weight, bias);
+    return out;
+  }
+};
+
+Tensor batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                  const OptTensor& running_var, bool training, double momentum, double eps) {
+  return BatchNormFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
+}
+
+}  // namespace autograd_ops
+}  // namespace fusednorm
+
+TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, bool is_rms) -> Tensor");
+  m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, str activation) -> Tensor");
+  m.def(
+      "batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "bool training, float momentum, float eps) -> Tensor");
+}
+
+// CompositeImplicitAutograd: the kernels run above autograd and build their own node.
+TORCH_LIBRARY_IMPL(fusednorm_C, CompositeImplicitAutograd, m) {
+  m.impl("layer_norm", &fusednorm::autograd_ops::layer_norm);
+  m.impl("group_norm", &fusednorm::autograd_ops::group_norm);
+  m.impl("batch_norm", &fusednorm::autograd_ops::batch_norm);
+}
