@@ -3,7 +3,7 @@
 // fusednorm's op layer (fusednorm/ops/) wraps the backend ops in Python autograd.Functions. Building a Python
 // autograd node and running a Python backward costs ~100 us per call when the caches are cold, which is the
 // normal state after a memory-bound kernel: as much as a small norm's kernel. These ops do the same work in
-// C++: `fusednorm_C::layer_norm`, `group_norm` and `batch_norm` run the forward op, record a
+// C++: `fusednorm_C::layer_norm`, `group_norm`, `batch_norm` and `add_norm` run the forward op, record a
 // torch::autograd::Function node when an input requires grad, and run the backward ops from it. The kernels
 // are the backend's own ops (called through the dispatcher, so CPU and CUDA tensors both work); the Python
 // path and this one give bit-identical outputs and gradients (tests/test_fast_path.py).
@@ -265,6 +265,77 @@ Tensor batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bia
   return BatchNormFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
 }
 
+
+// ---- residual add (+ dropout) + LayerNorm / RMSNorm over rows (M, N) -----------------------------------
+
+using AddNormFwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
+                                                                 const OptTensor&, double, bool, bool, double,
+                                                                 int64_t, int64_t, at::ScalarType);
+using AddNormBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&,
+                                                                 const OptTensor&, const OptTensor&, const Tensor&,
+                                                                 const Tensor&, bool, bool, double, int64_t,
+                                                                 int64_t, at::ScalarType, bool, at::ScalarType);
+
+// Returns (y, s): s = dropout(x) + residual, y = norm(s). Saves s, never the dropout mask (the backward
+// regenerates it from the seed).
+struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& residual,
+                               const OptTensor& weight, const OptTensor& bias, double eps, bool is_rms,
+                               bool has_dropout, double drop_scale, int64_t seed, int64_t threshold,
+                               at::ScalarType s_dtype) {
+    static auto fwd = backend_op<AddNormFwdSig>("fusednorm_C::add_norm_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, s, mean, rstd] =
+        fwd.call(x, residual, weight, bias, eps, is_rms, has_dropout, drop_scale, seed, threshold, s_dtype);
+    ctx->save_for_backward({s, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    ctx->saved_data["is_rms"] = is_rms;
+    ctx->saved_data["has_dropout"] = has_dropout;
+    ctx->saved_data["drop_scale"] = drop_scale;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["threshold"] = threshold;
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    ctx->saved_data["has_residual"] = residual.has_value();
+    ctx->saved_data["residual_dtype"] = residual.has_value() ? residual->scalar_type() : x.scalar_type();
+    ctx->set_materialize_grads(false);  // an unused s (no prenorm output) gets no gradient tensor
+    return {y, s};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = backend_op<AddNormBwdSig>("fusednorm_C::add_norm_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &s = saved[0], &weight = saved[1], &bias = saved[2];
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    variable_list out(11);
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(s);
+      if (dy.stride(-1) != 1) dy = dy.contiguous();
+      OptTensor ds;
+      if (grads[1].defined()) ds = grads[1].stride(-1) != 1 ? grads[1].contiguous() : grads[1];
+      auto [dx, dres, dw, db] =
+          bwd.call(dy, ds, s, as_optional(weight), as_optional(bias), saved[3], saved[4],
+                   ctx->saved_data["is_rms"].toBool(), ctx->saved_data["has_dropout"].toBool(),
+                   ctx->saved_data["drop_scale"].toDouble(), ctx->saved_data["seed"].toInt(),
+                   ctx->saved_data["threshold"].toInt(), ctx->saved_data["x_dtype"].toScalarType(), has_residual,
+                   ctx->saved_data["residual_dtype"].toScalarType());
+      out[0] = dx;
+      if (has_residual) out[1] = dres;
+      if (weight.defined()) out[2] = dw;
+      if (bias.defined()) out[3] = db;
+    }
+    const Tensor& dy_in = grads[0].defined() ? grads[0] : grads[1];
+    guard_double_backward("add_norm", out, dy_in, s, weight, bias);
+    return out;
+  }
+};
+
+std::vector<Tensor> add_norm(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                             const OptTensor& bias, double eps, bool is_rms, bool has_dropout, double drop_scale,
+                             int64_t seed, int64_t threshold, at::ScalarType s_dtype) {
+  return AddNormFunction::apply(x, residual, weight, bias, eps, is_rms, has_dropout, drop_scale, seed, threshold,
+                                s_dtype);
+}
+
 }  // namespace autograd_ops
 }  // namespace fusednorm
 
@@ -274,6 +345,9 @@ TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
   m.def(
       "batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "bool training, float momentum, float eps) -> Tensor");
+  m.def(
+      "add_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool is_rms, "
+      "bool has_dropout, float drop_scale, int seed, int threshold, ScalarType s_dtype) -> Tensor[]");
 }
 
 // CompositeImplicitAutograd: the kernels run above autograd and build their own node.
@@ -281,4 +355,5 @@ TORCH_LIBRARY_IMPL(fusednorm_C, CompositeImplicitAutograd, m) {
   m.impl("layer_norm", &fusednorm::autograd_ops::layer_norm);
   m.impl("group_norm", &fusednorm::autograd_ops::group_norm);
   m.impl("batch_norm", &fusednorm::autograd_ops::batch_norm);
+  m.impl("add_norm", &fusednorm::autograd_ops::add_norm);
 }

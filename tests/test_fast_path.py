@@ -198,7 +198,7 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
 NATIVE_FAMILY = {
     "layer_norm": "layer_norm", "layer_norm_2d_shape": "layer_norm", "rms_norm": "layer_norm",
     "group_norm_silu": "group_norm", "batch_norm_train": "batch_norm", "batch_norm_train_cl": "batch_norm",
-    "batch_norm_eval": "batch_norm",
+    "batch_norm_eval": "batch_norm", "add_layer_norm": "add_norm", "add_rms_norm_dropout": "add_norm",
 }
 
 
@@ -440,7 +440,7 @@ def test_not_taken_under_the_profiler(spy):
     assert torch.equal(y, expected)
 
 
-@pytest.mark.parametrize("case", ["layer_norm", "group_norm", "batch_norm", "switchable_norm"])
+@pytest.mark.parametrize("case", ["layer_norm", "group_norm", "batch_norm", "add_norm", "switchable_norm"])
 @pytest.mark.parametrize("path", ["fast", "slow"])
 def test_double_backward_raises(case, path, spy, monkeypatch):
     """With create_graph=True the first-order gradients are still right, but a second backward through them must
@@ -457,6 +457,8 @@ def test_double_backward_raises(case, path, spy, monkeypatch):
         y = F.group_norm(x4, 4, w)
     elif case == "batch_norm":
         y = F.batch_norm(x4, None, None, w, None, True)
+    elif case == "add_norm":
+        y = F.add_layer_norm(x, torch.randn(3, 8), w, None)
     else:
         y = F.switchable_norm(x4, None, None, w, torch.randn(8), torch.randn(3), torch.randn(3), True)
     loss = (y * y).sum()
@@ -489,6 +491,12 @@ def test_plain_eager_predicate():
 
 
 def _family_call(family: str, x, w, b, bufs):
+    if family.startswith("add_"):  # residual = x viewed backwards: a second input with its own gradient
+        residual = bufs[2]
+        fn = F.add_layer_norm if family == "add_layer_norm" else F.add_rms_norm
+        kwargs = {"bias": b} if family == "add_layer_norm" else {}
+        y, s = fn(x, residual, w, **kwargs, dropout_p=0.2, prenorm=True)
+        return y * 1.5 + s  # both outputs carry gradient (s is the next residual)
     if family == "layer_norm":
         return F.layer_norm(x, (x.shape[-1],), w, b)
     if family == "rms_norm":
@@ -506,8 +514,9 @@ def _family_call(family: str, x, w, b, bufs):
     ("family", "affine"),
     [
         (f, a)
-        for f in ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval")
-        for a in (("none", "weight") if f == "rms_norm" else ("none", "weight", "bias", "both"))
+        for f in ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval", "add_layer_norm",
+                  "add_rms_norm")
+        for a in (("none", "weight") if f.endswith("rms_norm") else ("none", "weight", "bias", "both"))
     ],
 )
 def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype, monkeypatch):
@@ -515,22 +524,26 @@ def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype,
     tensors given), fp32 and bf16 input with fp32 parameters, channels_last for the (N, C, H, W) families:
     outputs, gradients and running buffers bit-identical to the Python autograd.Function path."""
     gen = torch.Generator().manual_seed(3)
-    rows = family in ("layer_norm", "rms_norm")
+    rows = family in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
     x0 = torch.randn((5, 2, 19) if rows else (4, 6, 5, 3), generator=gen).to(dtype)
     if not rows:
         x0 = x0.to(memory_format=torch.channels_last)
     n = x0.shape[-1] if rows else x0.shape[1]
     w0 = torch.randn(n, generator=gen) if affine in ("weight", "both") else None
     b0 = torch.randn(n, generator=gen) if affine in ("bias", "both") else None
-    bufs0 = (torch.randn(n, generator=gen), torch.rand(n, generator=gen) + 0.5)
+    bufs0 = (torch.randn(n, generator=gen), torch.rand(n, generator=gen) + 0.5, torch.randn(x0.shape, generator=gen))
     dy = torch.randn(x0.shape, generator=gen).to(dtype)
 
     def run():
         x = x0.clone().requires_grad_(needs in ("x", "all"))
         w, b = (None if p is None else p.clone().requires_grad_(needs in ("params", "all")) for p in (w0, b0))
-        bufs = tuple(t.clone() for t in bufs0)
+        bufs = [t.clone() for t in bufs0]
+        residual = bufs[2] if family.startswith("add_") else None  # fp32 with a bf16 x: mixed dtypes
+        torch.manual_seed(1234)  # add+norm's dropout seed comes from torch's generator
+        if residual is not None:
+            residual.requires_grad_(needs in ("x", "all"))
         y = _family_call(family, x, w, b, bufs)
-        leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        leaves = [t for t in (x, w, b, residual) if t is not None and t.requires_grad]
         grads = torch.autograd.grad(y, leaves, dy) if leaves and y.requires_grad else ()
         return y.detach(), grads, bufs
 
@@ -544,4 +557,4 @@ def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype,
     for a, b in zip(fast[1], slow[1], strict=True):
         assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
     for a, b in zip(fast[2], slow[2], strict=True):
-        assert torch.equal(a, b)
+        assert torch.equal(a.detach(), b.detach())

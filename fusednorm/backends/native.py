@@ -48,6 +48,7 @@ AUTOGRAD_OPS = {
     "layer_norm": _ops.layer_norm.default,
     "group_norm": _ops.group_norm.default,
     "batch_norm": _ops.batch_norm.default,
+    "add_norm": _ops.add_norm.default,
 }
 
 

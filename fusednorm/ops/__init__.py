@@ -23,7 +23,7 @@ dispatcher's "output aliases an input" check of custom ops (a debugging aid; ``o
 
 Native autograd. Even the fast path builds a Python autograd node and runs a Python backward, which costs ~100 us
 per call when the caches are cold (the normal state after a memory-bound kernel). When the native backend runs
-a call, LayerNorm/RMSNorm, GroupNorm and BatchNorm go instead to the extension's C++ autograd ops
+a call, LayerNorm/RMSNorm, GroupNorm, BatchNorm and residual-add + norm go instead to the extension's C++ autograd ops
 (``csrc/autograd.cpp``, listed in the backend's ``AUTOGRAD_OPS``): one dispatcher call that runs the same
 backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks.
 """
@@ -146,7 +146,7 @@ _NO_AUTOGRAD_OPS: dict[str, Callable[..., Any]] = {}
 
 def native_autograd_op(family: str, backend_op: str, x: Tensor, args: Sequence[Any]) -> Callable[..., Any] | None:
     """The native extension's C++ autograd op for ``family`` (``"layer_norm"``, ``"group_norm"``,
-    ``"batch_norm"``) when this call may use it, else None (use the Python autograd.Function).
+    ``"batch_norm"``, ``"add_norm"``) when this call may use it, else None (use the Python autograd.Function).
 
     It may when the call is plain eager (as for ``call_op``; gradients may be required: the op records its own
     node), no forward-AD level is active (the C++ node has no forward derivative; the Python path raises the

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fusednorm import backends
+from fusednorm.backends.reference_variants import dropout_scale, dropout_threshold
 from fusednorm.ops import (
     BackendPinnedFunction,
     absent_like,
@@ -21,6 +22,7 @@ from fusednorm.ops import (
     custom_op,
     forward_op,
     grad_or_empty,
+    native_autograd_op,
     none_if_absent,
 )
 from fusednorm.ops.layer_norm import as_rows, as_vector, is_rows
@@ -164,5 +166,15 @@ def add_norm_rows(
     rows = x if is_rows(x, n) else as_rows(x, n)
     res = None if residual is None else residual if is_rows(residual, n) else as_rows(residual, n)
     w, b = as_vector(weight, n), as_vector(bias, n)
-    y, s = AddNormFunction.call(rows, res, w, b, float(eps), is_rms, float(dropout_p), int(seed), residual_in_fp32)
+    native = native_autograd_op("add_norm", "add_norm_fwd", rows, (rows, res, w, b)) if rows.numel() else None
+    if native is not None:  # the C++ op takes what the native backend's add_norm_fwd passes to the kernel
+        p = float(dropout_p)
+        y, s = native(
+            rows, res, w, b, float(eps), is_rms, p > 0.0, dropout_scale(p), int(seed), dropout_threshold(p),
+            residual_dtype_for(rows, res, residual_in_fp32),
+        )
+    else:
+        y, s = AddNormFunction.call(
+            rows, res, w, b, float(eps), is_rms, float(dropout_p), int(seed), residual_in_fp32
+        )
     return (y, s) if rows is x else (y.view_as(x), s.view_as(x))
