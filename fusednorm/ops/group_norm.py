@@ -176,26 +176,23 @@ def group_norm_nd(
     eps: float,
     activation: str = "none",
     with_var: bool = False,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Group-normalize ``x`` (N, C, *spatial), already validated. Returns (y, mean, var) as ``GroupNormFunction``.
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Group-normalize ``x`` (N, C, *spatial), already validated. Returns (y, mean, var): with ``with_var`` the
+    group statistics (N, G) as ``GroupNormFunction`` gives them (InstanceNorm's running statistics), else
+    (y, None, None).
 
     Layouts the kernels cannot address (neither the channel nor the flattened spatial axis unit-stride) are copied
     once to the format torch would give the result; contiguous and channels_last inputs are never copied.
     """
-    if x.numel() == 0:
-        return GroupNormFunction.call(x, weight, bias, int(num_groups), float(eps), activation, with_var)
-    if not _addressable(x):
+    if x.numel() > 0 and not _addressable(x):
         x = x.contiguous(memory_format=_memory_format(x))
     args = (x, weight, bias, int(num_groups), float(eps), activation)
-    native = None if with_var else native_autograd_op("group_norm", "group_norm_fwd", x, args)
-    if native is None:
-        return GroupNormFunction.call(*args, with_var)
-    y = native(*args)
-    return y, _NO_STATS, _NO_STATS
-
-
-# group_norm_nd's (mean, var) when with_var is False: callers ignore them (0-size, as GroupNormFunction's var)
-_NO_STATS = torch.empty(0)
+    if not with_var and x.numel() > 0:
+        native = native_autograd_op("group_norm", "group_norm_fwd", x, args)
+        if native is not None:
+            return native(*args), None, None
+    y, mean, var = GroupNormFunction.call(*args, with_var)
+    return (y, mean, var) if with_var else (y, None, None)
 
 
 def _addressable(x: Tensor) -> bool:
