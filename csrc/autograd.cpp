@@ -17,6 +17,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <cmath>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -36,6 +39,17 @@ c10::TypedOperatorHandle<Sig> backend_op(const char* name) {
 }
 
 OptTensor as_optional(const Tensor& t) { return t.defined() ? OptTensor(t) : c10::nullopt; }
+
+// True when a call must record an autograd node: grad mode on and some tensor input requires grad. Otherwise the
+// entry points run the Function's forward alone (ctx == nullptr: nothing saved), as the Python op layer does.
+bool needs_node(const Tensor& x, std::initializer_list<const OptTensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  if (x.requires_grad()) return true;
+  for (const OptTensor* t : inputs) {
+    if (t->has_value() && (*t)->defined() && (*t)->requires_grad()) return true;
+  }
+  return false;
+}
 
 // The backward ops have no autograd formula of their own. In a backward run with create_graph=True on tensors
 // that require grad, the gradients get a node that raises when a second backward reaches it, as the Python
@@ -73,6 +87,7 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     static auto fwd = backend_op<LayerNormFwdSig>("fusednorm_C::layer_norm_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, rstd] = fwd.call(x, weight, bias, eps, is_rms);
+    if (ctx == nullptr) return y;
     ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
     ctx->saved_data["is_rms"] = is_rms;
     return y;
@@ -97,6 +112,10 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
 };
 
 Tensor layer_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps, bool is_rms) {
+  if (!needs_node(x, {&weight, &bias})) {
+    at::NoGradGuard no_grad;
+    return LayerNormFunction::forward(nullptr, x, weight, bias, eps, is_rms);
+  }
   return LayerNormFunction::apply(x, weight, bias, eps, is_rms);
 }
 
@@ -114,6 +133,7 @@ struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
     static auto fwd = backend_op<GroupNormFwdSig>("fusednorm_C::group_norm_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, rstd] = fwd.call(x, weight, bias, num_groups, eps, activation);
+    if (ctx == nullptr) return y;
     ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["activation"] = std::string(activation);
@@ -140,6 +160,10 @@ struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
 
 Tensor group_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, int64_t num_groups,
                   double eps, c10::string_view activation) {
+  if (!needs_node(x, {&weight, &bias})) {
+    at::NoGradGuard no_grad;
+    return GroupNormFunction::forward(nullptr, x, weight, bias, num_groups, eps, activation);
+  }
   return GroupNormFunction::apply(x, weight, bias, num_groups, eps, activation);
 }
 
@@ -178,6 +202,73 @@ Tensor to_acc(const Tensor& t, int64_t c, at::ScalarType acc) {
   return v.scalar_type() == acc ? v : v.to(acc);
 }
 
+// BatchNorm's per-channel arithmetic (rstd from M2, the running-statistics update, rstd from the running variance)
+// as one loop over the C channels on the CPU, instead of up to ten small tensor ops, each of which costs 10-20 us
+// when the caches are cold. Used when every (C,) vector involved is a contiguous CPU tensor of the accumulation
+// dtype; the general path below (tensor ops) handles the rest. The loops do the same IEEE operations in the same
+// order and precision as those tensor ops (a tensor-scalar op rounds the scalar to the tensor's dtype; the build
+// has -ffp-contract=off, so nothing is fused into an FMA), so both paths, and the Python op layer, give
+// bit-identical results (tests/test_fast_path.py).
+bool channel_loops_apply(const Tensor& x, int64_t c, at::ScalarType acc, std::initializer_list<const Tensor*> stats,
+                         std::initializer_list<const OptTensor*> buffers) {
+  if (!x.is_cpu()) return false;
+  for (const Tensor* t : stats) {
+    if (t->scalar_type() != acc || !t->is_contiguous() || t->numel() != c || !t->is_cpu()) return false;
+  }
+  for (const OptTensor* b : buffers) {
+    if (!b->has_value()) continue;
+    const Tensor& t = **b;
+    if (t.scalar_type() != acc || !t.is_contiguous() || t.numel() != c || !t.is_cpu()) return false;
+  }
+  return true;
+}
+
+// rstd = 1 / sqrt(m2 / count + eps); running = running * (1 - momentum) + statistic * momentum with the batch
+// mean and the unbiased variance m2 / (count - 1). Returns rstd (C,).
+Tensor train_channel_math(const Tensor& mean, const Tensor& m2, const OptTensor& running_mean,
+                          const OptTensor& running_var, int64_t count, double momentum, double eps) {
+  Tensor rstd = at::empty_like(m2);
+  AT_DISPATCH_FLOATING_TYPES(m2.scalar_type(), "batch_norm_channel_math", [&] {
+    using A = scalar_t;
+    const int64_t c = m2.numel();
+    const A* mu = mean.data_ptr<A>();
+    const A* q = m2.data_ptr<A>();
+    A* rs = rstd.data_ptr<A>();
+    const A n = A(count), unbiased_n = A(count - 1), e = A(eps), keep = A(1 - momentum), take = A(momentum);
+    for (int64_t i = 0; i < c; ++i) rs[i] = A(1) / std::sqrt(q[i] / n + e);
+    if (running_mean.has_value()) {
+      A* r = running_mean->data_ptr<A>();
+      for (int64_t i = 0; i < c; ++i) {
+        const A kept = r[i] * keep, taken = mu[i] * take;
+        r[i] = kept + taken;
+      }
+      torch::autograd::impl::bump_version(*running_mean);
+    }
+    if (running_var.has_value()) {
+      A* r = running_var->data_ptr<A>();
+      for (int64_t i = 0; i < c; ++i) {
+        const A kept = r[i] * keep, taken = (q[i] / unbiased_n) * take;
+        r[i] = kept + taken;
+      }
+      torch::autograd::impl::bump_version(*running_var);
+    }
+  });
+  return rstd;
+}
+
+// rstd = 1 / sqrt(running_var + eps), running_var (C,) contiguous.
+Tensor eval_rstd(const Tensor& running_var, double eps) {
+  Tensor rstd = at::empty_like(running_var);
+  AT_DISPATCH_FLOATING_TYPES(running_var.scalar_type(), "batch_norm_eval_rstd", [&] {
+    using A = scalar_t;
+    const A* v = running_var.data_ptr<A>();
+    A* rs = rstd.data_ptr<A>();
+    const A e = A(eps);
+    for (int64_t i = 0; i < running_var.numel(); ++i) rs[i] = A(1) / std::sqrt(v[i] + e);
+  });
+  return rstd;
+}
+
 }  // namespace
 
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
@@ -196,7 +287,9 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         std::tie(mean, m2) = stats.call(x);
       }
-      if (count > 0) {
+      if (count > 0 && channel_loops_apply(x, c, acc, {&mean, &m2}, {&running_mean, &running_var})) {
+        rstd = train_channel_math(mean, m2, running_mean, running_var, count, momentum, eps);
+      } else if (count > 0) {
         rstd = (m2 / count).add_(eps).rsqrt_();
         // In place (bumping the buffers' version counters, as torch's own update does): running =
         // (1 - momentum) * running + momentum * statistic, with the unbiased variance.
@@ -215,13 +308,18 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
       TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
                   "fusednorm_C::batch_norm: evaluation needs running_mean and running_var");
       mean = to_acc(*running_mean, c, acc);
-      rstd = (to_acc(*running_var, c, acc) + eps).rsqrt_();
+      if (channel_loops_apply(x, c, acc, {}, {&running_var})) {
+        rstd = eval_rstd(running_var->reshape({c}), eps);
+      } else {
+        rstd = (to_acc(*running_var, c, acc) + eps).rsqrt_();
+      }
     }
     Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       y = like_x(apply_op.call(x, mean, rstd, weight, bias), x);
     }
+    if (ctx == nullptr) return y;
     ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
     ctx->saved_data["count"] = count;
     ctx->saved_data["training"] = training;
@@ -262,6 +360,10 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 
 Tensor batch_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                   const OptTensor& running_var, bool training, double momentum, double eps) {
+  if (!needs_node(x, {&weight, &bias, &running_mean, &running_var})) {
+    at::NoGradGuard no_grad;
+    return BatchNormFunction::forward(nullptr, x, weight, bias, running_mean, running_var, training, momentum, eps);
+  }
   return BatchNormFunction::apply(x, weight, bias, running_mean, running_var, training, momentum, eps);
 }
 
@@ -287,6 +389,7 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, s, mean, rstd] =
         fwd.call(x, residual, weight, bias, eps, is_rms, has_dropout, drop_scale, seed, threshold, s_dtype);
+    if (ctx == nullptr) return {y, s};
     ctx->save_for_backward({s, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
     ctx->saved_data["is_rms"] = is_rms;
     ctx->saved_data["has_dropout"] = has_dropout;
@@ -332,6 +435,11 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
 std::vector<Tensor> add_norm(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
                              const OptTensor& bias, double eps, bool is_rms, bool has_dropout, double drop_scale,
                              int64_t seed, int64_t threshold, at::ScalarType s_dtype) {
+  if (!needs_node(x, {&residual, &weight, &bias})) {
+    at::NoGradGuard no_grad;
+    return AddNormFunction::forward(nullptr, x, residual, weight, bias, eps, is_rms, has_dropout, drop_scale, seed,
+                                    threshold, s_dtype);
+  }
   return AddNormFunction::apply(x, residual, weight, bias, eps, is_rms, has_dropout, drop_scale, seed, threshold,
                                 s_dtype);
 }
