@@ -408,6 +408,12 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &s = saved[0], &weight = saved[1], &bias = saved[2];
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
+    const auto residual_dtype = ctx->saved_data["residual_dtype"].toScalarType();
+    const bool has_dropout = ctx->saved_data["has_dropout"].toBool();
+    // Without dropout, s = x + residual passes the same gradient to both: when their dtypes match s's, compute it
+    // once and hand the one tensor to both (as torch's add does) instead of writing a second (M, N) copy.
+    const bool shared = has_residual && !has_dropout && x_dtype == residual_dtype && x_dtype == s.scalar_type();
     variable_list out(11);
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -417,12 +423,11 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
       if (grads[1].defined()) ds = grads[1].stride(-1) != 1 ? grads[1].contiguous() : grads[1];
       auto [dx, dres, dw, db] =
           bwd.call(dy, ds, s, as_optional(weight), as_optional(bias), saved[3], saved[4],
-                   ctx->saved_data["is_rms"].toBool(), ctx->saved_data["has_dropout"].toBool(),
-                   ctx->saved_data["drop_scale"].toDouble(), ctx->saved_data["seed"].toInt(),
-                   ctx->saved_data["threshold"].toInt(), ctx->saved_data["x_dtype"].toScalarType(), has_residual,
-                   ctx->saved_data["residual_dtype"].toScalarType());
+                   ctx->saved_data["is_rms"].toBool(), has_dropout, ctx->saved_data["drop_scale"].toDouble(),
+                   ctx->saved_data["seed"].toInt(), ctx->saved_data["threshold"].toInt(), x_dtype,
+                   has_residual && !shared, residual_dtype);
       out[0] = dx;
-      if (has_residual) out[1] = dres;
+      if (has_residual) out[1] = shared ? dx : dres;
       if (weight.defined()) out[2] = dw;
       if (bias.defined()) out[3] = db;
     }

@@ -138,9 +138,15 @@ class AddNormFunction(BackendPinnedFunction):
             dy = dy.contiguous()
         if ds is not None and ds.stride(-1) != 1:
             ds = ds.contiguous()
+        # Without dropout, s = x + residual passes the same gradient to both: when their dtypes match s's, compute
+        # it once and hand the one tensor to both (as torch's add does), instead of writing a second (M, N) copy.
+        shared = has_residual and dropout_p == 0.0 and x_dtype == res_dtype == s.dtype
         dx, dres, dw, db = call_op(
-            add_norm_bwd, dy, ds, s, weight, bias, mean, rstd, is_rms, dropout_p, seed, x_dtype, has_residual, res_dtype
+            add_norm_bwd, dy, ds, s, weight, bias, mean, rstd, is_rms, dropout_p, seed, x_dtype,
+            has_residual and not shared, res_dtype,
         )
+        if shared:
+            dres = dx
         return (
             dx,
             none_if_absent(dres, has_residual),
