@@ -18,11 +18,10 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/variable.h>
-
-#include <cmath>
 #include <torch/library.h>
 
-#include "ops.h"
+#include <cmath>
+#include <string>
 
 namespace fusednorm {
 namespace autograd_ops {
