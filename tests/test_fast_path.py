@@ -491,11 +491,13 @@ def test_plain_eager_predicate():
 
 
 def _family_call(family: str, x, w, b, bufs):
-    if family.startswith("add_"):  # residual = x viewed backwards: a second input with its own gradient
+    if family.startswith("add_"):  # bufs[2]: the residual, a second input with its own gradient
         residual = bufs[2]
         fn = F.add_layer_norm if family == "add_layer_norm" else F.add_rms_norm
         kwargs = {"bias": b} if family == "add_layer_norm" else {}
-        y, s = fn(x, residual, w, **kwargs, dropout_p=0.2, prenorm=True)
+        # add+LayerNorm without dropout (x and an fp32 residual share one gradient tensor), add+RMSNorm with it
+        p = 0.0 if family == "add_layer_norm" else 0.2
+        y, s = fn(x, residual, w, **kwargs, dropout_p=p, prenorm=True)
         return y * 1.5 + s  # both outputs carry gradient (s is the next residual)
     if family == "layer_norm":
         return F.layer_norm(x, (x.shape[-1],), w, b)
