@@ -20,6 +20,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -63,8 +64,11 @@ void guard_double_backward(const char* name, variable_list& grads, const Tensor&
   auto node = c10::make_intrusive<torch::autograd::Error>(
       std::string("fusednorm_C::") + name + ": no autograd formula for its backward (double backward is not supported)",
       std::move(next));
-  for (auto& g : grads) {
-    if (g.defined()) torch::autograd::set_history(g, node);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const Tensor& g = grads[i];
+    // add_norm hands one tensor to x and residual: give it its history once
+    const bool repeated = std::any_of(grads.begin(), grads.begin() + i, [&](const Tensor& h) { return h.is_same(g); });
+    if (g.defined() && !repeated) torch::autograd::set_history(g, node);
   }
 }
 
@@ -235,13 +239,16 @@ Tensor train_channel_math(const Tensor& mean, const Tensor& m2, const OptTensor&
     A* rs = rstd.data_ptr<A>();
     const A n = A(count), unbiased_n = A(count - 1), e = A(eps), keep = A(1 - momentum), take = A(momentum);
     for (int64_t i = 0; i < c; ++i) rs[i] = A(1) / std::sqrt(q[i] / n + e);
+    // Version bumps first: on an inference tensor outside inference mode they raise torch's error before any
+    // buffer is written, as the in-place tensor ops would.
+    if (running_mean.has_value()) torch::autograd::impl::bump_version(*running_mean);
+    if (running_var.has_value()) torch::autograd::impl::bump_version(*running_var);
     if (running_mean.has_value()) {
       A* r = running_mean->data_ptr<A>();
       for (int64_t i = 0; i < c; ++i) {
         const A kept = r[i] * keep, taken = mu[i] * take;
         r[i] = kept + taken;
       }
-      torch::autograd::impl::bump_version(*running_mean);
     }
     if (running_var.has_value()) {
       A* r = running_var->data_ptr<A>();
@@ -249,7 +256,6 @@ Tensor train_channel_math(const Tensor& mean, const Tensor& m2, const OptTensor&
         const A kept = r[i] * keep, taken = (q[i] / unbiased_n) * take;
         r[i] = kept + taken;
       }
-      torch::autograd::impl::bump_version(*running_var);
     }
   });
   return rstd;

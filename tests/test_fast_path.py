@@ -560,3 +560,17 @@ def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype,
         assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
     for a, b in zip(fast[2], slow[2], strict=True):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("path", ["fast", "slow"])
+def test_batch_norm_inference_buffers_rejected_before_any_write(path, monkeypatch):
+    """Running buffers made under inference_mode cannot be updated outside it: both paths raise torch's error,
+    and neither writes part of the update first (the C++ loop bumps the version counters before writing)."""
+    if path == "slow":
+        _force_slow_path(monkeypatch)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.inference_mode():
+        rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        F.batch_norm(x, rm, rv, None, None, True, 0.1)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
