@@ -36,7 +36,8 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_slow = pytest.mark.skip(reason="slow test: run with --slow")
     for item in items:
-        if "slow" in item.keywords:
+        # the marker itself, not item.keywords: a parametrize id "slow" is a keyword too and must not skip
+        if item.get_closest_marker("slow") is not None:
             item.add_marker(skip_slow)
 
 

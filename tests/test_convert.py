@@ -284,13 +284,17 @@ def test_non_norms_and_overridden_forward_are_left_alone(capsys):
 
 def test_backend_pin_is_used_in_eager(monkeypatch):
     seen = []
-    real_select = backends.select
 
-    def spy(op, x):
-        seen.append(fusednorm.get_backend())
-        return real_select(op, x)
+    def spy_on(real):
+        def spy(op, x):
+            seen.append(fusednorm.get_backend())
+            return real(op, x)
 
-    monkeypatch.setattr(backends, "select", spy)
+        return spy
+
+    # both ways the op layer picks a backend (native_for: the eager native shortcut for CPU tensors)
+    monkeypatch.setattr(backends, "select", spy_on(backends.select))
+    monkeypatch.setattr(backends, "native_for", spy_on(backends.native_for))
     model = randomize(AllNorms(("ln", "llama")))
     fusednorm.replace_norms(model, backend="reference")
     xs, dys = make_inputs(("ln", "llama"))

@@ -92,6 +92,8 @@ def spy(monkeypatch):
 def _force_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every fast-path check fail, as it does under a mode or a transform: the pre-fast-path behaviour."""
     monkeypatch.setattr(ops, "_plain_mode", lambda: False)
+    if NATIVE is not None:  # the native path's one-call form of the same check
+        monkeypatch.setattr(NATIVE, "eager_unintercepted", lambda: False)
 
 
 # ---- one case per family: (inputs maker, call) ---------------------------------------------------------------
@@ -575,3 +577,29 @@ def test_batch_norm_inference_buffers_rejected_before_any_write(path, monkeypatc
     with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
         F.batch_norm(x, rm, rv, None, None, True, 0.1)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.skipif(NATIVE is None, reason="the native extension is not built")
+def test_eager_unintercepted_sees_every_interceptor():
+    """The native path's one-call plain-mode check (csrc/module.cpp) must say False wherever ``_plain_mode`` does."""
+    check = NATIVE.eager_unintercepted
+    assert check is not NATIVE._python_unintercepted, "the extension should provide the C++ check"
+    seen: dict[str, bool] = {}
+
+    def record(name: str, t: torch.Tensor) -> torch.Tensor:
+        seen[name] = check()
+        return t * 2
+
+    assert check() and ops._plain_mode()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        seen["profiler"] = check()
+    torch.vmap(lambda t: record("vmap", t))(torch.ones(2, 3))
+    torch.func.grad(lambda t: record("grad", t).sum())(torch.ones(3))
+    with _Recorder():
+        seen["dispatch mode"] = check()
+    with _FunctionRecorder():
+        seen["torch-function mode"] = check()
+    torch.jit.trace(lambda t: record("jit.trace", t), torch.ones(3), check_trace=False)
+    assert seen == dict.fromkeys(["profiler", "vmap", "grad", "dispatch mode", "torch-function mode", "jit.trace"],
+                                 False), seen
+    assert check(), "back to plain eager after the scopes"

@@ -166,6 +166,17 @@ def select(op: str, x: torch.Tensor) -> ModuleType:
     raise BackendUnavailableError(f"fusednorm: no backend can run {op} on {device_type} tensors")
 
 
+def native_for(op: str, x: torch.Tensor) -> ModuleType | None:
+    """``select(op, x)`` when that is the native backend, already loaded, and ``x`` a CPU tensor (the common
+    eager case, answered with a few cheap checks); None otherwise (the caller then asks ``select``)."""
+    name = get_backend()
+    if (name == "auto" or name == "native") and x.is_cpu:
+        module = _loaded.get("native")
+        if module is not None and not isinstance(module, BaseException) and module.supports(op):
+            return module
+    return None
+
+
 def available_backends() -> dict[str, BackendInfo]:
     """Each backend name mapped to whether it can be used here and, when not, why.
 

@@ -28,6 +28,17 @@ except ImportError as _exc:  # pragma: no cover - depends on how the package was
 
 _ops = torch.ops.fusednorm_C
 
+
+def _python_unintercepted() -> bool:
+    from fusednorm.ops import _plain_mode
+
+    return _plain_mode()
+
+
+# One call for the op layer's plain-eager check (see csrc/module.cpp); the Python check where the extension
+# predates it or was built without its Python module (CMake build loaded with torch.ops.load_library).
+eager_unintercepted = getattr(_C, "eager_unintercepted", None) or _python_unintercepted
+
 _OPS = frozenset(
     {
         "layer_norm_fwd",

@@ -152,7 +152,18 @@ def native_autograd_op(family: str, backend_op: str, x: Tensor, args: Sequence[A
     node), no forward-AD level is active (the C++ node has no forward derivative; the Python path raises the
     error), and the backend in force runs ``backend_op`` on ``x`` with the native extension. The caller handles
     zero-size tensors itself (the C++ ops do not)."""
-    if _forward_ad._current_level >= 0 or not _plain_mode() or not _plain_args(args, False):
+    # Every Python-level call here costs microseconds once the caches are cold, so the common case (a CPU tensor,
+    # the native backend already loaded) is decided with as few as possible: ``native_for`` stands in for
+    # ``select``, and the extension's ``eager_unintercepted`` asks ``_plain_mode``'s five C-level questions in one
+    # call. ``is_compiling`` comes first: under torch.compile nothing after it may run (or be traced).
+    if _is_compiling() or _forward_ad._current_level >= 0:
+        return None
+    backend = backends.native_for(backend_op, x)
+    if backend is not None:
+        if not backend.eager_unintercepted() or not _plain_args(args, False):
+            return None
+        return backend.AUTOGRAD_OPS.get(family)
+    if not _plain_mode() or not _plain_args(args, False):
         return None
     return getattr(backends.select(backend_op, x), "AUTOGRAD_OPS", _NO_AUTOGRAD_OPS).get(family)
 
