@@ -25,8 +25,9 @@ Native autograd. Even the fast path builds a Python autograd node and runs a Pyt
 per call when the caches are cold (the normal state after a memory-bound kernel). When the native backend runs
 a call, LayerNorm/RMSNorm, GroupNorm, BatchNorm and residual-add + norm go instead to the extension's C++ autograd ops
 (``csrc/autograd.cpp``, listed in the backend's ``AUTOGRAD_OPS``): one dispatcher call that runs the same
-backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks.
-"""
+backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks;
+for a CPU tensor on the native backend they take one call of the extension (``fusednorm._C.eager_unintercepted``)
+and the backend choice skips ``select`` (``backends.native_for``)."""
 
 from __future__ import annotations
 
