@@ -9,7 +9,8 @@ namespace fusednorm {
 namespace cpu {
 namespace FUSEDNORM_ISA {
 
-// NHWC rows per chunk: about 16K elements, so a chunk (and its fp32 copy) stays in L2 between passes.
+// NHWC rows per chunk: about 16K elements (64 KiB of fp32), the grain of the NHWC maps and the smallest
+// block of the NHWC reductions.
 inline int64_t nhwc_rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
 // Blocks per sample for NHWC reductions: about kReductionSplits tasks over the batch, at most one per

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 try:
-    from fusednorm import _C  # noqa: F401  - loading it registers torch.ops.fusednorm_C.*
+    from fusednorm import _C  # loading it registers torch.ops.fusednorm_C.*
 except ImportError as _exc:  # pragma: no cover - depends on how the package was installed
     _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     raise ImportError(
@@ -28,16 +28,8 @@ except ImportError as _exc:  # pragma: no cover - depends on how the package was
 
 _ops = torch.ops.fusednorm_C
 
-
-def _python_unintercepted() -> bool:
-    from fusednorm.ops import _plain_mode
-
-    return _plain_mode()
-
-
-# One call for the op layer's plain-eager check (see csrc/module.cpp); the Python check where the extension
-# predates it or was built without its Python module (CMake build loaded with torch.ops.load_library).
-eager_unintercepted = getattr(_C, "eager_unintercepted", None) or _python_unintercepted
+# The op layer's plain-eager check in one call (csrc/module.cpp; see fusednorm.ops.native_autograd_op).
+eager_unintercepted = _C.eager_unintercepted
 
 _OPS = frozenset(
     {
