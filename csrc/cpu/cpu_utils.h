@@ -93,10 +93,16 @@ inline void from_acc(const A* src, T* dst, int64_t n) {
 // output that will not be read again soon costs a read and a write of memory; a streaming store writes
 // the line directly. That is a clear win when the output cannot stay in the last-level cache, and a loss
 // when it can: the allocator hands the same block back on the next call (or the next op reads it), and
-// its lines are still cached. Measured on a 2-core EPYC VM with a 32 MiB L3, one thread, same run:
-// LayerNorm fwd 4096x4096 fp32 (64 MiB out) 14.8 -> 8.6 ms and 8192x8192 (256 MiB) 47.7 -> 28.2 ms with
-// streaming, but BatchNorm apply / GroupNorm fwd on 25.7 MiB outputs 2.0 -> 3.9 ms and 3.6 -> 4.8 ms.
-// Hence the threshold above the L3 of one CCD / socket. Only the AVX2 copy streams.
+// its lines are still cached. The threshold is on the output alone, at half the L3 of one CCD (32 MiB on
+// Zen 2-4): from there input + output together no longer fit, and the ordinary stores' extra read costs
+// more than the cache hits they keep. Measured with fusednorm-bench on the 2-core EPYC VM (2 threads,
+// inputs rotated out of cache, two runs per setting, threshold 32 MiB -> 16 MiB, ours / torch):
+// BatchNorm eval 32x64x56x56 fp32 (24.5 MiB out) 0.93-0.99x -> 1.08-1.21x, GroupNorm fwd 8x256x56x56 fp32
+// 0.91x -> 1.04-1.20x, BatchNorm train channels_last fwd 1.02-1.04x -> 1.25-1.27x; and 40 -> 32 MiB:
+// LayerNorm fwd 1024x8192 fp32 (32 MiB out) 2.8-3.2 -> 1.6-2.0 ms. (An older one-thread measurement had
+// found 25.7 MiB outputs slower when streamed; with both cores busy it is the other way round.) It is a
+// constant because sysconf(_SC_LEVEL3_CACHE_SIZE) reports the whole host's L3 (320 MiB) inside a VM. Only
+// the AVX2 copy streams.
 
 // Output bytes from which an op streams its output (FUSEDNORM_CPU_STREAM_BYTES overrides; 0 disables).
 inline int64_t stream_threshold_bytes() {
@@ -106,7 +112,7 @@ inline int64_t stream_threshold_bytes() {
       const long long v = std::atoll(env);
       return v <= 0 ? INT64_MAX : static_cast<int64_t>(v);
     }
-    return int64_t(40) << 20;
+    return int64_t(16) << 20;
   }();
   return bytes;
 }

@@ -480,14 +480,16 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_fwd(const at::Tensor& v_in, const
     const A* gp = gc.data_ptr<A>();
     A* np = norm.data_ptr<A>();
     using V = Vectorized<A>;
+    const bool stream = stream_output(O * K * int64_t(sizeof(T)));
     at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T* a = vp + r * K;
         const A nrm = std::sqrt(vsum_sqdev(a, K, A(0)));
         np[r] = nrm;
         const V f(gp[r] / nrm);
-        write_row<T, A>(wp + r * K, K, false, [&](int64_t j, int64_t cnt) { return load_acc(a + j, cnt) * f; });
+        write_row<T, A>(wp + r * K, K, stream, [&](int64_t j, int64_t cnt) { return load_acc(a + j, cnt) * f; });
       }
+      stream_fence(stream);
     });
   });
   return {w, norm};
@@ -510,6 +512,7 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& dw_in, cons
     const A* np = nc.data_ptr<A>();
     A* dgp = dg.data_ptr<A>();
     using V = Vectorized<A>;
+    const bool stream = stream_output(O * K * int64_t(sizeof(T)));
     at::parallel_for(0, O, row_grain(K), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T* av = vp + r * K;
@@ -519,10 +522,11 @@ std::tuple<at::Tensor, at::Tensor> weight_norm_bwd(const at::Tensor& dw_in, cons
         dgp[r] = dot / nrm;
         const V va(a), vbc(bcoef);
         // dv = a * dw - bcoef * v
-        write_row<T, A>(dvp + r * K, K, false, [&](int64_t j, int64_t cnt) {
+        write_row<T, A>(dvp + r * K, K, stream, [&](int64_t j, int64_t cnt) {
           return va * load_acc(ad + j, cnt) - vbc * load_acc(av + j, cnt);
         });
       }
+      stream_fence(stream);
     });
   });
   return {dv, dg.to(g.scalar_type())};
