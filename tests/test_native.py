@@ -122,6 +122,40 @@ def test_layer_norm_large_mean_and_long_rows():
     assert torch.allclose(rstd.double(), rstd64, rtol=1e-4)
 
 
+def _shift_cases():
+    """Rows whose statistics stress the one-read chunk sums (sums of x - k and (x - k)^2, k = the mean of the
+    first 8 elements): an outlier at the start (k far from the mean: the exact fallback), chunks at different
+    levels (the fallback), the first 8 at 2.6 standard deviations (the worst case that stays on one read),
+    and that on a 1e4 offset."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(16, 5000, dtype=torch.float64, generator=g)
+    outlier = base.clone()
+    outlier[:, 0] = 1e4
+    levels = base * 0.01
+    for i, lv in zip(range(0, 5000, 2048), (0.0, 50.0, -30.0), strict=True):
+        levels[:, i : i + 2048] += lv
+    first8 = base.clone()
+    first8[:, :8] = 2.6
+    return {"outlier": outlier, "levels": levels, "first8": first8, "first8+1e4": first8 + 1e4}
+
+
+@pytest.mark.parametrize("name", ["outlier", "levels", "first8", "first8+1e4"])
+def test_statistics_when_the_shift_is_far_from_the_mean(name):
+    """The chunk statistics fall back to an exact second pass where their one-read sums would cancel: rstd
+    stays within a few fp32 ulps of float64 and y within torch's error, for LayerNorm rows and GroupNorm
+    groups (one group = one contiguous span)."""
+    x = _shift_cases()[name].float()
+    y, _, rstd = nat.layer_norm_fwd(x, None, None, 0.0, False)
+    y64, _, rstd64 = ref.layer_norm_fwd(x.double(), None, None, 0.0, False)
+    assert float(((rstd.double() - rstd64) / rstd64).abs().max()) < 2e-6
+    assert_close(y, y64, F.layer_norm(x, (x.shape[1],), eps=0.0), f"{name}: layer_norm y")
+    xg = x.reshape(4, 8, 50, 50)  # 2 groups of 4 rows: each group is one span of 20000
+    yg, _, rstdg = nat.group_norm_fwd(xg, None, None, 2, 0.0, "none")
+    yg64, _, rstdg64 = ref.group_norm_fwd(xg.double(), None, None, 2, 0.0, "none")
+    assert float(((rstdg.double() - rstdg64) / rstdg64).abs().max()) < 2e-6
+    assert_close(yg, yg64, F.group_norm(xg, 2, eps=0.0), f"{name}: group_norm y")
+
+
 def test_layer_norm_zero_size_and_constant_rows():
     x = torch.empty(0, 33)
     y, mean, rstd = nat.layer_norm_fwd(x, torch.randn(33), torch.randn(33), 1e-5, False)

@@ -34,8 +34,8 @@ namespace FUSEDNORM_ISA {
 
 using at::vec::Vectorized;
 
-// Elements per chunk: a chunk of the input (and its fp32 copy) stays in L1 between the two passes of
-// an exact two-step mean / centred-sum-of-squares, so the data is read from memory once.
+// Elements per chunk of the statistics (chunk_stats): a chunk (and an fp32 copy of it) stays in L1, so
+// the exact second pass that a cancelling chunk falls back to does not read memory again.
 constexpr int64_t kChunk = 2048;
 
 template <typename T>
@@ -436,9 +436,10 @@ inline A vsum_sqdev(const T* p, int64_t n, A c) {
 }
 
 // Statistics of a span relative to a shift: `w.mean` is the mean of (x - shift), `w.m2` the centred sum of
-// squares. The shift is the span's first element, so when |mean| >> std the partial sums stay small and
-// the mean keeps bits that rounding mean itself to the input's magnitude would lose; the normalize pass
-// then computes (x - shift) - w.mean, which is exact-ish for such data (Sterbenz).
+// squares. The shift is taken from the span's data (stats_contig: the mean of its first elements), so when
+// |mean| >> std the partial sums stay small and the mean keeps bits that rounding mean itself to the
+// input's magnitude would lose; the normalize pass then computes (x - shift) - w.mean, which is exact-ish
+// for such data (Sterbenz).
 template <typename A>
 struct ShiftedStats {
   A shift;
@@ -466,21 +467,16 @@ inline A vsum_shifted(const T* p, int64_t n, A k) {
   return s;
 }
 
-// sum(((p - k) - d)^2). Four independent accumulators: the chunk is in L1, so this pass is bound by the
-// FMA latency chain, not by memory. Prefetches [pf, pf_end) two lines per step when given.
+// sum(((p - k) - d)^2): the exact second pass of a chunk's statistics, from L1. Four independent
+// accumulators: the pass is bound by the FMA latency chain, not by memory.
 template <typename T, typename A>
-inline A vsum_sqdev2(const T* p, int64_t n, A k, A d, const char* pf = nullptr, const char* pf_end = nullptr) {
+inline A vsum_sqdev2(const T* p, int64_t n, A k, A d) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
   const V vk(k), vd(d);
   V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    if (pf < pf_end) {
-      __builtin_prefetch(pf);
-      __builtin_prefetch(pf + 64);
-      pf += 128;
-    }
     const V d0 = (load_acc(p + i, W) - vk) - vd, d1 = (load_acc(p + i + W, W) - vk) - vd;
     const V d2 = (load_acc(p + i + 2 * W, W) - vk) - vd, d3 = (load_acc(p + i + 3 * W, W) - vk) - vd;
     a0 = at::vec::fmadd(d0, d0, a0);
@@ -500,28 +496,55 @@ inline A vsum_sqdev2(const T* p, int64_t n, A k, A d, const char* pf = nullptr, 
   return s;
 }
 
-// Exact two-step statistics of one chunk (re-read from L1), relative to shift k; pass 2 prefetches
-// next[0:next_len] (the following chunk) when given.
+// Statistics of one L1-sized chunk relative to the shift k, from one read: the sums of d = x - k and d^2
+// give mean = S1 / n and M2 = S2 - S1 * mean. That difference cancels when the chunk's mean is far from k
+// against its spread; M2 < S2 / 8 (|mean| beyond about 2.6 standard deviations of the chunk, which
+// amplifies the sums' rounding at most 8x) falls back to the exact second pass over the chunk, still in L1.
+// stats_contig's k is the mean of the span's first elements, so for data like mean + noise the fallback is
+// rare: an outlier among the first elements, or a span whose chunks sit at different levels (e.g. a
+// GroupNorm group of channels with different means).
 template <typename T, typename A>
-inline Welford<A, int64_t> chunk_stats(const T* a, int64_t len, A k, const T* next = nullptr, int64_t next_len = 0) {
-  const A d = vsum_shifted(a, len, k) / A(len);
-  const char* pf = reinterpret_cast<const char*>(next);
-  const char* pf_end = pf + (next != nullptr ? next_len * int64_t(sizeof(T)) : 0);
-  return welford_from_chunk<A, int64_t>(len, d, vsum_sqdev2(a, len, k, d, pf, pf_end));
+inline Welford<A, int64_t> chunk_stats(const T* q, int64_t len, A k) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = V::size();
+  const V vk(k);
+  V s1a(A(0)), s1b(A(0)), s2a(A(0)), s2b(A(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    const V d0 = load_acc(q + i, W) - vk, d1 = load_acc(q + i + W, W) - vk;
+    s1a = s1a + d0;
+    s1b = s1b + d1;
+    s2a = at::vec::fmadd(d0, d0, s2a);
+    s2b = at::vec::fmadd(d1, d1, s2b);
+  }
+  A s1 = horizontal_sum(s1a + s1b), s2 = horizontal_sum(s2a + s2b);
+  for (; i < len; ++i) {
+    const A d = static_cast<A>(q[i]) - k;
+    s1 += d;
+    s2 += d * d;
+  }
+  const A mean = s1 / A(len);
+  A m2 = s2 - s1 * mean;
+  if (m2 * A(8) < s2) m2 = vsum_sqdev2(q, len, k, mean);
+  return welford_from_chunk<A, int64_t>(len, mean, m2);
 }
 
-// Statistics of p[0:n] (storage type T, acc type A): L1-sized chunks, each exact two-step, Chan-merged in
-// order. Pass 1 over a chunk streams it from memory; pass 2 works from L1 and prefetches the next chunk, so
-// that the memory stream does not stall while it runs (measured better than prefetching the next row from a
-// later pass, in A/B runs on a 2-core VM: LayerNorm fwd 1024x8192 fp32 about 0.92x -> 1.0x of torch, GroupNorm
-// NCHW fwd about 1.0x -> 1.03-1.2x).
+// Statistics of p[0:n] (storage type T, acc type A): L1-sized chunks of one read each (chunk_stats),
+// Chan-merged in order. One read per chunk instead of an exact two-step per chunk (sum, then the centred
+// squares from L1) measured faster in fusednorm-bench on the 2-core VM (two runs each, ours / torch):
+// LayerNorm fwd 2048x1024 fp32 1.03-1.09x -> 1.09-1.32x, bf16 1.14x -> 1.32-1.35x, GroupNorm fwd
+// 2x320x64x64 fp32 0.81-0.89x -> 0.92-0.93x, bf16 0.95-0.96x -> 1.04-1.05x; and, in one process,
+// interleaved, the GroupNorm kernel alone 2x320x64x64 fp32 485-550 -> 433-500 us (torch 460-570).
 template <typename T, typename A = acc_type<T>>
 inline ShiftedStats<A> stats_contig(const T* p, int64_t n) {
-  ShiftedStats<A> s{n > 0 ? static_cast<A>(p[0]) : A(0), welford_empty<A, int64_t>()};
+  // The shift: the mean of the first (up to) 8 elements, usually well within one standard deviation of the
+  // span's mean, so chunk_stats's one-read sums rarely need their fallback.
+  const int64_t nk = std::min<int64_t>(n, 8);
+  A k = A(0);
+  for (int64_t i = 0; i < nk; ++i) k += static_cast<A>(p[i]);
+  ShiftedStats<A> s{nk > 0 ? k / A(nk) : A(0), welford_empty<A, int64_t>()};
   for (int64_t off = 0; off < n; off += kChunk) {
-    const int64_t len = std::min(kChunk, n - off);
-    const int64_t next_len = std::min(kChunk, n - off - len);
-    s.w = welford_merge(s.w, chunk_stats(p + off, len, s.shift, next_len > 0 ? p + off + len : nullptr, next_len));
+    s.w = welford_merge(s.w, chunk_stats(p + off, std::min(kChunk, n - off), s.shift));
   }
   return s;
 }
