@@ -101,7 +101,7 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
         const V v = at::vec::fmadd(a - V::loadu(mup + j, cnt), V::loadu(scp + j, cnt), V::loadu(shp + j, cnt));
         return silu ? vsilu(v) : v;
       };
-    });
+    }, x.numel() * int64_t(sizeof(T)));
   }
 }
 

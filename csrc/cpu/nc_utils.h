@@ -39,11 +39,12 @@ void nchw_map(const T* x, const T* dy, T* out, int64_t planes, int64_t HW, const
 }
 
 // Elementwise map over NHWC rows of C elements (row = n * HW + spatial index): op(row) returns the row's
-// functor f(j, cnt, x, dy) -> out, j being the channel offset. dy may be null (zeros).
+// functor f(j, cnt, x, dy) -> out, j being the channel offset. dy may be null (zeros). out_bytes: the size
+// of the whole output when this call writes part of it (it decides streaming; 0: this call's part).
 template <typename T, typename A, typename Op>
-void nhwc_map(const T* x, const T* dy, T* out, int64_t rows, int64_t C, const Op& op) {
+void nhwc_map(const T* x, const T* dy, T* out, int64_t rows, int64_t C, const Op& op, int64_t out_bytes = 0) {
   const int64_t R = nhwc_rows_per_chunk(C);
-  const bool stream = stream_output(rows * C * int64_t(sizeof(T)));
+  const bool stream = stream_output(out_bytes > 0 ? out_bytes : rows * C * int64_t(sizeof(T)));
   at::parallel_for(0, rows, R, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t base = r * C;
