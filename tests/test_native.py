@@ -455,7 +455,10 @@ for dt in (torch.float32, torch.bfloat16, torch.float64):
         dy = torch.randn_like(x)
         outs += [y, mean, rstd, *nat.layer_norm_bwd(dy, x, w, b, mean, rstd, False)]
         s_dtype = torch.float64 if dt == torch.float64 else torch.float32
-        outs += list(nat.add_norm_fwd(x, torch.randn_like(x), w, b, 1e-5, False, 0.0, 0, s_dtype))
+        ya, sa, ma, ra = nat.add_norm_fwd(x, torch.randn_like(x), w, b, 1e-5, False, 0.0, 0, s_dtype)
+        outs += [ya, sa, ma, ra]
+        outs += list(nat.add_norm_bwd(torch.randn_like(x), torch.randn_like(sa), sa, w, b, ma, ra, False, 0.0, 0,
+                                      x.dtype, s_dtype))
         v, g = x.contiguous(), torch.rand(9, dtype=w.dtype) + 0.5
         wn, norm = nat.weight_norm_fwd(v, g)
         outs += [wn, norm, *nat.weight_norm_bwd(torch.randn_like(v), v, g, norm)]
