@@ -735,31 +735,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_norm_fwd(const at::Tensor& x_
     A* mp = is_rms ? nullptr : mean.data_ptr<A>();
     A* rp = rstd.data_ptr<A>();
     const int64_t sb = x.stride(0), sl = x.stride(1);
+    using V = Vectorized<A>;
+    const bool stream = stream_output(B * L * D * int64_t(sizeof(T)));
+    // x is read in its storage type and converted in registers (statistics, then the normalize pass from
+    // cache), as in the LayerNorm forward: no fp32 copy of the row, and the output loop is vectorized.
     at::parallel_for(0, B * L, row_grain(D), [&](int64_t r0, int64_t r1) {
-      std::vector<A> a(D);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t bi = r / L, li = r % L;
-        to_acc(xp + bi * sb + li * sl, a.data(), D);
-        A mu = 0, rs;
+        const T* xr = xp + bi * sb + li * sl;
+        A shift = 0, mu = 0, rs;  // xhat = ((x - shift) - mu) * rs
         if (is_rms) {
-          rs = A(1) / std::sqrt(vsum_sqdev(a.data(), D, A(0)) / A(D) + A(eps));
+          rs = A(1) / std::sqrt(vsum_sqdev(xr, D, A(0)) / A(D) + A(eps));
         } else {
-          const auto st = stats_acc(a.data(), D);
-          mu = st.mean();
+          const auto st = stats_contig(xr, D);
+          shift = st.shift;
+          mu = st.w.mean;
           rs = A(1) / std::sqrt(st.w.m2 / A(D) + A(eps));
-          mp[r] = mu;
+          mp[r] = st.mean();
         }
         rp[r] = rs;
         const A* s1 = scp + bi * D;
         const A* s2 = shp + bi * D;
-        for (int64_t j = 0; j < D; ++j) {
-          A v = (a[j] - mu) * rs;
-          if (wp) v *= wp[j];
-          if (bp) v += bp[j];
-          a[j] = v * (A(1) + s1[j]) + s2[j];
-        }
-        from_acc(a.data(), yp + r * D, D);
+        const V vs(shift), vm(mu), vr(rs), one(A(1));
+        write_row<T, A>(yp + r * D, D, stream, [&](int64_t j, int64_t cnt) {
+          V v = ((load_acc<T, A>(xr + j, cnt) - vs) - vm) * vr;
+          if (wp != nullptr) v = v * V::loadu(wp + j, cnt);
+          if (bp != nullptr) v = v + V::loadu(bp + j, cnt);
+          return at::vec::fmadd(v, one + V::loadu(s1 + j, cnt), V::loadu(s2 + j, cnt));
+        });
       }
+      stream_fence(stream);
     });
   });
   return {y, mean, rstd};
@@ -797,6 +802,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ada_norm_
       A* ppw = w.defined() ? pw.data_ptr<A>() : nullptr;
       A* ppb = bb.defined() ? pb.data_ptr<A>() : nullptr;
       const int64_t sxb = x.stride(0), sxl = x.stride(1), sdb = dy.stride(0), sdl = dy.stride(1);
+      using V = Vectorized<A>;
+      constexpr int64_t W = V::size();
       at::parallel_for(0, tasks, 1, [&](int64_t k0, int64_t k1) {
         std::vector<A> xh(D), g(D);
         for (int64_t k = k0; k < k1; ++k) {
@@ -812,27 +819,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ada_norm_
             to_acc(dyp + bi * sdb + li * sdl, g.data(), D);
             const A mu = is_rms ? A(0) : mp[r], rs = rp[r];
             // e = mean(x - mean), the saved mean's rounding, removed from xhat as in the LayerNorm backward.
-            A e = 0;
-            if (!is_rms) {
-              for (int64_t j = 0; j < D; ++j) e += xh[j] - mu;
-              e /= A(D);
+            const A e = is_rms ? A(0) : vsum_shifted(xh.data(), D, mu) / A(D);
+            // One vectorized pass: the column partials, and c1 = sum(g * xhat), c2 = sum(g) in vector lanes
+            // (a scalar loop here cannot be vectorized by the compiler: its sums are ordered reductions).
+            // Lanes past the row's end load as zero, so their g is zero and they add nothing to c1 / c2.
+            const V vmu(mu), ve(e), vrs(rs), one(A(1));
+            V c1v(A(0)), c2v(A(0));
+            for (int64_t j = 0; j < D; j += W) {
+              const int64_t cnt = std::min<int64_t>(W, D - j);
+              const V xv = ((V::loadu(xh.data() + j, cnt) - vmu) - ve) * vrs;
+              const V d = V::loadu(g.data() + j, cnt);
+              V nrm = wp ? xv * V::loadu(wp + j, cnt) : xv;
+              if (bp) nrm = nrm + V::loadu(bp + j, cnt);
+              at::vec::fmadd(d, nrm, V::loadu(dsc + j, cnt)).store(dsc + j, cnt);
+              (V::loadu(dsh + j, cnt) + d).store(dsh + j, cnt);
+              const V dn = d * (one + V::loadu(s1 + j, cnt));
+              if (dwr) at::vec::fmadd(dn, xv, V::loadu(dwr + j, cnt)).store(dwr + j, cnt);
+              if (dbr) (V::loadu(dbr + j, cnt) + dn).store(dbr + j, cnt);
+              const V gg = wp ? dn * V::loadu(wp + j, cnt) : dn;
+              c1v = at::vec::fmadd(gg, xv, c1v);
+              c2v = c2v + gg;
+              xv.store(xh.data() + j, cnt);
+              gg.store(g.data() + j, cnt);
             }
-            A c1 = 0, c2 = 0;
-            for (int64_t j = 0; j < D; ++j) {
-              const A xv = ((xh[j] - mu) - e) * rs;
-              const A d = g[j];
-              const A nrm = (wp ? xv * wp[j] : xv) + (bp ? bp[j] : A(0));
-              dsc[j] += d * nrm;
-              dsh[j] += d;
-              const A dn = d * (A(1) + s1[j]);
-              if (dwr) dwr[j] += dn * xv;
-              if (dbr) dbr[j] += dn;
-              const A gg = wp ? dn * wp[j] : dn;
-              c1 += gg * xv;
-              c2 += gg;
-              xh[j] = xv;
-              g[j] = gg;
-            }
+            A c1 = horizontal_sum(c1v), c2 = horizontal_sum(c2v);
             c1 /= A(D);
             c2 = is_rms ? A(0) : c2 / A(D);
             for (int64_t j = 0; j < D; ++j) g[j] = (g[j] - xh[j] * c1 - c2) * rs;
