@@ -407,32 +407,46 @@ inline A vdot(const T* p, const T* q, int64_t n) {
   return s;
 }
 
-// sum((p - c)^2); p of storage type T, converted in registers.
-template <typename T, typename A>
-inline A vsum_sqdev(const T* p, int64_t n, A c) {
+// sum(f(x)^2) over p[0:n] (storage type T, converted in registers), f applied to each vector and to each
+// element of the tail (f takes a Vectorized<A> or an A). Four independent accumulators: on data in cache the
+// loop would otherwise be bound by the FMA latency chain.
+template <typename T, typename A, typename F>
+inline A vsum_squares(const T* p, int64_t n, const F& f) {
   using V = Vectorized<A>;
   constexpr int64_t W = V::size();
-  const V vc(c);
   V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
-    V d0 = load_acc(p + i, W) - vc, d1 = load_acc(p + i + W, W) - vc;
-    V d2 = load_acc(p + i + 2 * W, W) - vc, d3 = load_acc(p + i + 3 * W, W) - vc;
+    const V d0 = f(load_acc(p + i, W)), d1 = f(load_acc(p + i + W, W));
+    const V d2 = f(load_acc(p + i + 2 * W, W)), d3 = f(load_acc(p + i + 3 * W, W));
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
     a2 = at::vec::fmadd(d2, d2, a2);
     a3 = at::vec::fmadd(d3, d3, a3);
   }
   for (; i + W <= n; i += W) {
-    V d = load_acc(p + i, W) - vc;
+    const V d = f(load_acc(p + i, W));
     a0 = at::vec::fmadd(d, d, a0);
   }
   A s = horizontal_sum((a0 + a1) + (a2 + a3));
   for (; i < n; ++i) {
-    const A v = static_cast<A>(p[i]) - c;
+    const A v = f(static_cast<A>(p[i]));
     s += v * v;
   }
   return s;
+}
+
+// sum((p - c)^2).
+template <typename T, typename A>
+inline A vsum_sqdev(const T* p, int64_t n, A c) {
+  const Vectorized<A> vc(c);
+  return vsum_squares<T, A>(p, n, [&](const auto& x) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(x)>, A>) {
+      return x - c;
+    } else {
+      return x - vc;
+    }
+  });
 }
 
 // Statistics of a span relative to a shift: `w.mean` is the mean of (x - shift), `w.m2` the centred sum of
@@ -467,33 +481,17 @@ inline A vsum_shifted(const T* p, int64_t n, A k) {
   return s;
 }
 
-// sum(((p - k) - d)^2): the exact second pass of a chunk's statistics, from L1. Four independent
-// accumulators: the pass is bound by the FMA latency chain, not by memory.
+// sum(((p - k) - d)^2): the exact second pass of a chunk's statistics, from L1.
 template <typename T, typename A>
 inline A vsum_sqdev2(const T* p, int64_t n, A k, A d) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = V::size();
-  const V vk(k), vd(d);
-  V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0));
-  int64_t i = 0;
-  for (; i + 4 * W <= n; i += 4 * W) {
-    const V d0 = (load_acc(p + i, W) - vk) - vd, d1 = (load_acc(p + i + W, W) - vk) - vd;
-    const V d2 = (load_acc(p + i + 2 * W, W) - vk) - vd, d3 = (load_acc(p + i + 3 * W, W) - vk) - vd;
-    a0 = at::vec::fmadd(d0, d0, a0);
-    a1 = at::vec::fmadd(d1, d1, a1);
-    a2 = at::vec::fmadd(d2, d2, a2);
-    a3 = at::vec::fmadd(d3, d3, a3);
-  }
-  for (; i + W <= n; i += W) {
-    const V d0 = (load_acc(p + i, W) - vk) - vd;
-    a0 = at::vec::fmadd(d0, d0, a0);
-  }
-  A s = horizontal_sum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) {
-    const A v = (static_cast<A>(p[i]) - k) - d;
-    s += v * v;
-  }
-  return s;
+  const Vectorized<A> vk(k), vd(d);
+  return vsum_squares<T, A>(p, n, [&](const auto& x) {
+    if constexpr (std::is_same_v<std::decay_t<decltype(x)>, A>) {
+      return (x - k) - d;
+    } else {
+      return (x - vk) - vd;
+    }
+  });
 }
 
 // Statistics of one L1-sized chunk relative to the shift k, from one read: the sums of d = x - k and d^2
