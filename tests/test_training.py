@@ -49,19 +49,14 @@ def cpu_fast_backend() -> str:
 
 def _spy_backends(monkeypatch) -> list[str]:
     used: list[str] = []
+    real = backends.select
 
-    def spy_on(real):
-        def spy(op, x):
-            module = real(op, x)
-            if module is not None:  # native_for answers None when it leaves the choice to select
-                used.append(module.__name__.rsplit(".", 1)[-1])
-            return module
+    def spy(op, x):
+        module = real(op, x)
+        used.append(module.__name__.rsplit(".", 1)[-1])
+        return module
 
-        return spy
-
-    # both ways the op layer picks a backend (native_for: the eager native shortcut for CPU tensors)
-    monkeypatch.setattr(backends, "select", spy_on(backends.select))
-    monkeypatch.setattr(backends, "native_for", spy_on(backends.native_for))
+    monkeypatch.setattr(backends, "select", spy)
     return used
 
 

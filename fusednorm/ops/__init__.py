@@ -26,8 +26,8 @@ per call when the caches are cold (the normal state after a memory-bound kernel)
 a call, LayerNorm/RMSNorm, GroupNorm, BatchNorm and residual-add + norm go instead to the extension's C++ autograd ops
 (``csrc/autograd.cpp``, listed in the backend's ``AUTOGRAD_OPS``): one dispatcher call that runs the same
 backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks;
-for a CPU tensor on the native backend they take one call of the extension (``fusednorm._C.eager_unintercepted``)
-and the backend choice skips ``select`` (``backends.native_for``)."""
+once the extension is loaded they take one call of it (``fusednorm._C.eager_unintercepted``), and ``select``
+answers the CPU + native case first."""
 
 from __future__ import annotations
 
@@ -153,18 +153,14 @@ def native_autograd_op(family: str, backend_op: str, x: Tensor, args: Sequence[A
     node), no forward-AD level is active (the C++ node has no forward derivative; the Python path raises the
     error), and the backend in force runs ``backend_op`` on ``x`` with the native extension. The caller handles
     zero-size tensors itself (the C++ ops do not)."""
-    # Every Python-level call here costs microseconds once the caches are cold, so the common case (a CPU tensor,
-    # the native backend already loaded) is decided with as few as possible: ``native_for`` stands in for
-    # ``select``, and the extension's ``eager_unintercepted`` asks ``_plain_mode``'s five C-level questions in one
-    # call. ``is_compiling`` comes first: under torch.compile nothing after it may run (or be traced).
+    # Every Python-level call here costs microseconds once the caches are cold. ``is_compiling`` comes first:
+    # under torch.compile nothing after it may run (or be traced). Once the extension is loaded, its
+    # ``eager_unintercepted`` asks ``_plain_mode``'s other five C-level questions in one call.
     if _is_compiling() or _forward_ad._current_level >= 0:
         return None
-    backend = backends.native_for(backend_op, x)
-    if backend is not None:
-        if not backend.eager_unintercepted() or not _plain_args(args, False):
-            return None
-        return backend.AUTOGRAD_OPS.get(family)
-    if not _plain_mode() or not _plain_args(args, False):
+    native = backends.loaded("native")
+    plain = native.eager_unintercepted() if native is not None else _plain_mode()
+    if not plain or not _plain_args(args, False):
         return None
     return getattr(backends.select(backend_op, x), "AUTOGRAD_OPS", _NO_AUTOGRAD_OPS).get(family)
 
