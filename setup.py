@@ -1,14 +1,16 @@
 """Build script: the Python package plus the optional native extension ``fusednorm._C``.
 
 The extension is compiled from ``csrc/`` with ``torch.utils.cpp_extension`` (ninja, ``MAX_JOBS`` parallel
-jobs): the CPU kernels always (plus an AVX2 copy on x86-64 with GCC, chosen at run time), the CUDA kernels
-when torch was built with CUDA (``torch.version.cuda``) and nvcc is found (``CUDA_HOME``), for the
-architectures in ``TORCH_CUDA_ARCH_LIST``. Environment switches:
+jobs): the CPU kernels always (plus AVX2 and AVX-512 BF16 copies on x86-64 with GCC, chosen at run time), the
+CUDA kernels when torch was built with CUDA (``torch.version.cuda``) and nvcc is found (``CUDA_HOME``), for
+the architectures in ``TORCH_CUDA_ARCH_LIST``. Environment switches:
 
 - ``FUSEDNORM_NO_EXTENSION=1``: skip the native build entirely (fusednorm then runs on Triton and the
   reference backend, and ``fusednorm.available_backends()["native"]`` says why).
 - ``FUSEDNORM_NO_CUDA=1``: build only the CPU kernels even when CUDA is available.
-- ``FUSEDNORM_NO_AVX2=1``: do not build the AVX2 copy of the CPU kernels.
+- ``FUSEDNORM_NO_AVX2=1``: do not build the AVX2 and AVX-512 copies of the CPU kernels.
+- ``FUSEDNORM_NO_AVX512=1``: do not build the AVX-512 BF16 copy (it needs GCC 10 or newer; older GCC skips
+  it by itself).
 - ``FUSEDNORM_DEBUG=1``: ``-O0 -g`` instead of ``-O3``.
 
 Because the extension compiles against the installed torch, install with
@@ -20,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import subprocess
 import sys
 
 from setuptools import setup
@@ -37,6 +40,15 @@ def _log(msg: str) -> None:
 
 def _rel(paths: list[str]) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in paths)
+
+
+def _gcc_major(compiler: str) -> int:
+    """The major version of GCC `compiler` (0 if it cannot be run): AVX512-BF16 code needs GCC 10."""
+    try:
+        out = subprocess.run([compiler, "-dumpversion"], capture_output=True, text=True, timeout=30).stdout
+        return int(out.strip().split(".")[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0
 
 
 def _native_extension():
@@ -76,6 +88,9 @@ def _native_extension():
     if is_x86 and gcc_like and not _flag("FUSEDNORM_NO_AVX2"):
         sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "isa", "*_avx2.cpp")))
         macros.append(("FUSEDNORM_HAVE_AVX2", "1"))
+        if _gcc_major(compiler) >= 10 and not _flag("FUSEDNORM_NO_AVX512"):
+            sources += _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "isa", "*_avx512bf16.cpp")))
+            macros.append(("FUSEDNORM_HAVE_AVX512BF16", "1"))
 
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     with_cuda = (

@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -22,19 +23,32 @@
 
 namespace fusednorm {
 
-bool cpu_use_avx2() {
-  static const bool use = [] {
-    const char* env = std::getenv("FUSEDNORM_CPU_ISA");
-    if (env != nullptr && std::strcmp(env, "base") == 0) return false;
-#if defined(FUSEDNORM_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+CpuIsa cpu_isa_level() {
+  static const CpuIsa level = [] {
+    CpuIsa best = CpuIsa::kBase;
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
-#else
-    return false;
+#if defined(FUSEDNORM_HAVE_AVX2)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+        __builtin_cpu_supports("bmi2")) {
+      best = CpuIsa::kAvx2;
+#if defined(FUSEDNORM_HAVE_AVX512BF16)
+      // (GCC's checks include the OS saving the AVX-512 register state.)
+      if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+          __builtin_cpu_supports("avx512bf16")) {
+        best = CpuIsa::kAvx512Bf16;
+      }
 #endif
+    }
+#endif
+#endif
+    const char* env = std::getenv("FUSEDNORM_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "base") == 0) return CpuIsa::kBase;
+    if (env != nullptr && std::strcmp(env, "avx2") == 0) return std::min(best, CpuIsa::kAvx2);
+    return best;
   }();
-  return use;
+  return level;
 }
 
 namespace {
@@ -46,7 +60,16 @@ bool has_cuda() {
 #endif
 }
 
-std::string cpu_isa() { return cpu_use_avx2() ? "avx2" : "base"; }
+std::string cpu_isa() {
+  switch (cpu_isa_level()) {
+    case CpuIsa::kAvx512Bf16:
+      return "avx512bf16";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    default:
+      return "base";
+  }
+}
 
 // Number of threads that at::parallel_for actually runs in this library for a job of `tasks` tasks of
 // grain 1. at::parallel_for is a header template over `#pragma omp parallel`: if the library were built

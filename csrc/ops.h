@@ -88,7 +88,9 @@ inline at::Tensor in_layout(const at::Tensor& t, Layout layout) {
   return t.contiguous(memory_format_of(layout, t.dim()));
 }
 
-// True when the AVX2 copies of the CPU kernels should run (CPU support, and FUSEDNORM_CPU_ISA != base).
-bool cpu_use_avx2();
+// Which copy of the CPU kernels runs (see cpu/isa_prelude.h): the best one built that the CPU supports,
+// capped by FUSEDNORM_CPU_ISA=base|avx2|avx512bf16. Decided once per process.
+enum class CpuIsa { kBase = 0, kAvx2 = 1, kAvx512Bf16 = 2 };
+CpuIsa cpu_isa_level();
 
 }  // namespace fusednorm

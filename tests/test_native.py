@@ -386,15 +386,26 @@ def test_deterministic_repeat_runs(dtype):
             ), f"output {i} differs between identical runs"
 
 
-# ---- both CPU instruction-set copies -------------------------------------------------------------------
+# ---- the CPU instruction-set copies (base, avx2, avx512bf16) ---------------------------------------------
+
+_ISA_ORDER = ("base", "avx2", "avx512bf16")
 
 
-def test_baseline_isa_copy_matches_reference():
-    """FUSEDNORM_CPU_ISA=base selects the non-AVX2 kernels (read once per process: run in a subprocess)."""
+def _isa_runs_here(isa: str) -> bool:
+    """True when this CPU (and build) runs copy `isa`: the default choice is the best one available."""
+    return _ISA_ORDER.index(isa) <= _ISA_ORDER.index(nat.cpu_isa())
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_lower_isa_copies_match_reference(isa):
+    """FUSEDNORM_CPU_ISA=base / avx2 selects the older copies of the kernels (the suite runs the best one):
+    they must agree with the reference too (read once per process: run in a subprocess)."""
+    if not _isa_runs_here(isa):
+        pytest.skip(f"this CPU or build has no {isa} copy of the kernels")
     code = r"""
 import torch
 from fusednorm.backends import native as nat, reference as ref
-assert nat.cpu_isa() == "base", nat.cpu_isa()
+assert nat.cpu_isa() == ISA, nat.cpu_isa()
 torch.manual_seed(0)
 for dt in (torch.float32, torch.bfloat16):
     x = torch.randn(9, 77, dtype=dt) + 3
@@ -420,8 +431,9 @@ for dt in (torch.float32, torch.bfloat16):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-3)
 print("ok")
 """
-    env = dict(os.environ, FUSEDNORM_CPU_ISA="base")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, FUSEDNORM_CPU_ISA=isa)
+    res = subprocess.run([sys.executable, "-c", f"ISA = {isa!r}\n" + code], env=env, capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
@@ -438,10 +450,9 @@ def test_kernels_run_on_every_thread():
         torch.set_num_threads(before)
 
 
-def test_streaming_stores_match_reference():
-    """FUSEDNORM_CPU_STREAM_BYTES=1 makes every op stream its output (non-temporal stores, with unaligned
-    heads and tails): results must equal the ordinary path bit for bit (read once per process: subprocess)."""
-    code = r"""
+# Every op of the extension on odd sizes, fp32 / bf16 / fp64, in a fresh process whose environment picks a
+# code path (read once per process); saves the list of outputs to OUT.
+_EVERY_OP_CODE = r"""
 import torch
 from fusednorm.backends import native as nat, reference as ref
 torch.manual_seed(0)
@@ -471,25 +482,59 @@ for dt in (torch.float32, torch.bfloat16, torch.float64):
         m, m2 = nat.batch_norm_stats(xg)
         rs = torch.rsqrt(m2 / 70 + 1e-5)
         outs.append(nat.batch_norm_apply(xg, m, rs, wg, bg))
+# bf16 outputs that are fp32 denormals (columns 40-79 scaled by 1e-39) or NaN (row 1), next to ordinary ones
+xs = torch.randn(4, 80, dtype=torch.bfloat16)
+xs[1, 5] = float("nan")
+tiny = torch.ones(80)
+tiny[40:] = 1e-39
+outs += list(nat.layer_norm_fwd(xs, tiny, torch.zeros(80), 1e-5, False))
+xg = torch.randn(2, 80, 3, 3, dtype=torch.bfloat16)
+xg[1, 7, 1, 1] = float("nan")
+outs.append(nat.group_norm_fwd(xg, tiny, None, 4, 1e-5, "none")[0])
+m, m2 = nat.batch_norm_stats(xg)
+outs.append(nat.batch_norm_apply(xg, m, torch.rsqrt(m2 / 18 + 1e-5), tiny, None))
 torch.save(outs, OUT)
 print("ok")
 """
+
+
+def _every_op_outputs(**env_overrides: str) -> list[torch.Tensor]:
     import tempfile
 
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for stream in ("1", "0"):
-            path = os.path.join(tmp, f"out{stream}.pt")
-            env = dict(os.environ, FUSEDNORM_CPU_STREAM_BYTES=stream)
-            res = subprocess.run([sys.executable, "-c", f"OUT = {path!r}\n" + code], env=env,
-                                 capture_output=True, text=True, timeout=180)
-            assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
-            results.append(torch.load(path))
-    streamed, ordinary = results
-    assert len(streamed) == len(ordinary) > 40
-    for i, (a, b) in enumerate(zip(streamed, ordinary, strict=True)):
+        path = os.path.join(tmp, "out.pt")
+        env = dict(os.environ, **env_overrides)
+        res = subprocess.run([sys.executable, "-c", f"OUT = {path!r}\n" + _EVERY_OP_CODE], env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+        return torch.load(path)
+
+
+def _assert_same_bits(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+    assert len(got) == len(want) > 40
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), i
-        assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"output {i} differs when streamed"
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        assert torch.equal(a.view(bits), b.view(bits)), f"output {i} differs {what}"
+
+
+def test_streaming_stores_match_reference():
+    """FUSEDNORM_CPU_STREAM_BYTES=1 makes every op stream its output (non-temporal stores, with unaligned
+    heads and tails): results must equal the ordinary path bit for bit."""
+    streamed = _every_op_outputs(FUSEDNORM_CPU_STREAM_BYTES="1")
+    ordinary = _every_op_outputs(FUSEDNORM_CPU_STREAM_BYTES="0")
+    _assert_same_bits(streamed, ordinary, "when streamed")
+
+
+def test_avx512_copy_matches_avx2_copy_bit_for_bit():
+    """The AVX-512 BF16 copy converts bf16 outputs with vcvtne2ps2bf16 (which flushes denormals and keeps
+    NaN payloads) and falls back to the AVX2 rounding for vectors holding either: every output, the tiny and
+    NaN ones included, must have the AVX2 copy's bits."""
+    if not _isa_runs_here("avx512bf16"):
+        pytest.skip("this CPU or build has no AVX512-BF16 copy of the kernels")
+    fast = _every_op_outputs(FUSEDNORM_CPU_ISA="avx512bf16", FUSEDNORM_CPU_STREAM_BYTES="0")
+    avx2 = _every_op_outputs(FUSEDNORM_CPU_ISA="avx2", FUSEDNORM_CPU_STREAM_BYTES="0")
+    _assert_same_bits(fast, avx2, "between the AVX-512 and AVX2 copies")
 
 
 # ---- opcheck on every fusednorm_C op -------------------------------------------------------------------

@@ -289,7 +289,7 @@ at::Tensor batch_norm_bwd_dx(const at::Tensor& dy, const at::Tensor& x_in, const
 }  // namespace cpu
 }  // namespace fusednorm
 
-#if !defined(FUSEDNORM_ISA_AVX2)
+#if !defined(FUSEDNORM_ISA_COPY)
 // ---- registration (baseline copy only) ------------------------------------------------------------
 #include <torch/library.h>
 

@@ -347,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(const at::Tensor& 
 }  // namespace cpu
 }  // namespace fusednorm
 
-#if !defined(FUSEDNORM_ISA_AVX2)
+#if !defined(FUSEDNORM_ISA_COPY)
 // ---- registration (baseline copy only) ------------------------------------------------------------
 #include <torch/library.h>
 

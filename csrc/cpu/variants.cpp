@@ -882,10 +882,15 @@ void register_cpu_impls(torch::Library& m) {
 }  // namespace cpu
 }  // namespace fusednorm
 
-#if !defined(FUSEDNORM_ISA_AVX2)
+#if !defined(FUSEDNORM_ISA_COPY)
 // ---- registration (baseline copy only) ------------------------------------------------------------
 #if defined(FUSEDNORM_HAVE_AVX2)
 namespace fusednorm::cpu::avx2::variants {
+void register_cpu_impls(torch::Library& m);
+}
+#endif
+#if defined(FUSEDNORM_HAVE_AVX512BF16)
+namespace fusednorm::cpu::avx512bf16::variants {
 void register_cpu_impls(torch::Library& m);
 }
 #endif
@@ -906,8 +911,14 @@ TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusednorm_C, CPU, m) {
+#if defined(FUSEDNORM_HAVE_AVX512BF16)
+  if (fusednorm::cpu_isa_level() >= fusednorm::CpuIsa::kAvx512Bf16) {
+    fusednorm::cpu::avx512bf16::variants::register_cpu_impls(m);
+    return;
+  }
+#endif
 #if defined(FUSEDNORM_HAVE_AVX2)
-  if (fusednorm::cpu_use_avx2()) {
+  if (fusednorm::cpu_isa_level() >= fusednorm::CpuIsa::kAvx2) {
     fusednorm::cpu::avx2::variants::register_cpu_impls(m);
     return;
   }

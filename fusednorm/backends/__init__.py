@@ -198,6 +198,7 @@ def available_backends() -> dict[str, BackendInfo]:
     if isinstance(nat, BaseException):
         info["native"] = BackendInfo(False, f"{type(nat).__name__}: {nat}")
     else:
-        info["native"] = BackendInfo(True, "CPU kernels" + (" and CUDA kernels" if nat.has_cuda() else ""))
+        detail = f"CPU kernels ({nat.cpu_isa()} copy)" + (" and CUDA kernels" if nat.has_cuda() else "")
+        info["native"] = BackendInfo(True, detail)
     info["reference"] = BackendInfo(True, "plain torch ops")
     return info

@@ -61,7 +61,8 @@ def has_cuda() -> bool:
 
 
 def cpu_isa() -> str:
-    """Which copy of the CPU kernels runs here: ``"avx2"`` or ``"base"`` (``FUSEDNORM_CPU_ISA=base`` forces it)."""
+    """Which copy of the CPU kernels runs here: ``"avx512bf16"``, ``"avx2"`` or ``"base"``: the best one the CPU
+    supports, capped by ``FUSEDNORM_CPU_ISA`` (``base`` or ``avx2``)."""
     return str(_ops.cpu_isa())
 
 
