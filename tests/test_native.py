@@ -211,6 +211,13 @@ def test_group_norm_large_nhwc(xdtype, pdtype, act):
     _run_group_norm(xdtype, pdtype, (2, 40, 50, 50), 8, "cl", act, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_group_norm_nhwc_in_sample_steps(dtype):
+    """Channels-last forward and backward go through the batch in steps of about 8 MiB (one sample per step
+    here in fp32, 2 + 1 in bf16): every step must use its own samples' statistics and coefficients."""
+    _run_group_norm(dtype, torch.float32, (3, 64, 128, 128), 16, "cl", "silu", True)
+
+
 @pytest.mark.parametrize("xdtype,pdtype", DTYPE_PAIRS, ids=_ids(DTYPE_PAIRS))
 def test_group_norm_silu_large_groups(xdtype, pdtype):
     """NCHW groups above the 64K elements whose SiLU gradients the backward keeps between its passes (the

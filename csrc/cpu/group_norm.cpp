@@ -207,71 +207,83 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
       wv[c] = wc(c);
       bv[c] = bc(c);
     }
+    // Samples go in steps of about 8 MiB of x and dy, as in the forward: pass 2 then reads them again from
+    // the last-level cache, not from memory. The blocks of a sample (and so every sum) do not depend on
+    // the step. Measured (C op alone, cold inputs, both cores, one step per batch vs these steps):
+    // 8x256x56x56 fp32 3.83-3.91 -> 3.04-3.10 ms (torch 3.9-4.1), bf16 3.05-3.13 -> 2.77-2.80 ms,
+    // 16x512x28x28 fp32 3.79-3.86 -> 3.09 ms; 2x320x64x64 and 32x64x56x56 unchanged.
     const int64_t nblk = nhwc_blocks_per_sample(N, HW, C);
-    std::vector<A> p1(N * nblk * C), p2(N * nblk * C), p3(N * nblk * C);
-    nhwc_channel_sums<T, A>(xp, dyp, N, HW, C, nblk, p1.data(), p2.data(), p3.data(),
-                            [&](int64_t n, int64_t j, int64_t k, const V& xv, const V& d, V& a1, V& a2, V& a3) {
-                              const int64_t q = n * C + j;
-                              const V xc = xv - V::loadu(cmu.data() + q, k);
-                              a3 = a3 + xc;
-                              const V xh = xc * V::loadu(crs.data() + q, k);
-                              V de = d;
-                              if (silu) {
-                                de = de * vsilu_grad(at::vec::fmadd(xh, V::loadu(wv.data() + j, k),
-                                                                    V::loadu(bv.data() + j, k)));
-                              }
-                              a1 = a1 + de;
-                              a2 = at::vec::fmadd(de, xh, a2);
-                            });
-    // Mean-rounding correction per (n, group) (see ce below), applied to the sums algebraically:
-    // sum(de * xhat_corrected) = sum(de * xhat) - e * rstd * sum(de).
-    std::vector<A> ce(N * C);
-    for (int64_t n = 0; n < N; ++n) {
-      std::vector<A> t3(C);
-      for (int64_t c = 0; c < C; ++c) {
-        A t1 = 0, t2 = 0;
-        for (int64_t blk = 0; blk < nblk; ++blk) {
-          t1 += p1[(n * nblk + blk) * C + c];
-          t2 += p2[(n * nblk + blk) * C + c];
-          t3[c] += p3[(n * nblk + blk) * C + c];
+    const int64_t sample_bytes = std::max<int64_t>(1, 2 * HW * C * int64_t(sizeof(T)));
+    const int64_t step = std::max<int64_t>(1, (int64_t(8) << 20) / sample_bytes);
+    std::vector<A> p1(step * nblk * C), p2(step * nblk * C), p3(step * nblk * C);
+    std::vector<A> ce(N * C), t3(C);
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+      const int64_t ns = std::min(step, N - n0);
+      nhwc_channel_sums<T, A>(xp + n0 * HW * C, dyp + n0 * HW * C, ns, HW, C, nblk, p1.data(), p2.data(),
+                              p3.data(),
+                              [&](int64_t nl, int64_t j, int64_t k, const V& xv, const V& d, V& a1, V& a2, V& a3) {
+                                const int64_t q = (n0 + nl) * C + j;
+                                const V xc = xv - V::loadu(cmu.data() + q, k);
+                                a3 = a3 + xc;
+                                const V xh = xc * V::loadu(crs.data() + q, k);
+                                V de = d;
+                                if (silu) {
+                                  de = de * vsilu_grad(at::vec::fmadd(xh, V::loadu(wv.data() + j, k),
+                                                                      V::loadu(bv.data() + j, k)));
+                                }
+                                a1 = a1 + de;
+                                a2 = at::vec::fmadd(de, xh, a2);
+                              });
+      // Mean-rounding correction per (n, group) (see ce below), applied to the sums algebraically:
+      // sum(de * xhat_corrected) = sum(de * xhat) - e * rstd * sum(de).
+      for (int64_t nl = 0; nl < ns; ++nl) {
+        const int64_t n = n0 + nl;
+        std::fill(t3.begin(), t3.end(), A(0));
+        for (int64_t c = 0; c < C; ++c) {
+          A t1 = 0, t2 = 0;
+          for (int64_t blk = 0; blk < nblk; ++blk) {
+            t1 += p1[(nl * nblk + blk) * C + c];
+            t2 += p2[(nl * nblk + blk) * C + c];
+            t3[c] += p3[(nl * nblk + blk) * C + c];
+          }
+          sdy[n * C + c] = t1;
+          sdyxh[n * C + c] = t2;
         }
-        sdy[n * C + c] = t1;
-        sdyxh[n * C + c] = t2;
+        for (int64_t g = 0; g < G; ++g) {
+          A e = 0;
+          for (int64_t c = g * D; c < (g + 1) * D; ++c) e += t3[c];
+          e = m > 0 ? e / A(m) : A(0);
+          for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+            ce[n * C + c] = e;
+            sdyxh[n * C + c] -= e * crs[n * C + c] * sdy[n * C + c];
+          }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          A t1 = 0, t2 = 0;
+          for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+            t1 += wv[c] * sdyxh[n * C + c];
+            t2 += wv[c] * sdy[n * C + c];
+          }
+          for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+            c1v[n * C + c] = t1 / A(m);
+            c2v[n * C + c] = t2 / A(m);
+          }
+        }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        A e = 0;
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) e += t3[c];
-        e = m > 0 ? e / A(m) : A(0);
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-          ce[n * C + c] = e;
-          sdyxh[n * C + c] -= e * crs[n * C + c] * sdy[n * C + c];
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        A t1 = 0, t2 = 0;
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-          t1 += wv[c] * sdyxh[n * C + c];
-          t2 += wv[c] * sdy[n * C + c];
-        }
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-          c1v[n * C + c] = t1 / A(m);
-          c2v[n * C + c] = t2 / A(m);
-        }
-      }
+      const A *cmup = cmu.data(), *crsp = crs.data(), *cep = ce.data(), *c1p = c1v.data(), *c2p = c2v.data();
+      const A *wvp = wv.data(), *bvp = bv.data();
+      nhwc_map<T, A>(xp + n0 * HW * C, dyp + n0 * HW * C, dxp + n0 * HW * C, ns * HW, C, [&](int64_t row) {
+        const int64_t q = (n0 + row / HW) * C;
+        return [=](int64_t j, int64_t k, const V& xv, const V& d) {
+          const V vrs = V::loadu(crsp + q + j, k);
+          const V xh = ((xv - V::loadu(cmup + q + j, k)) - V::loadu(cep + q + j, k)) * vrs;
+          const V vw = V::loadu(wvp + j, k);
+          V de = d;
+          if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, V::loadu(bvp + j, k)));
+          return (de * vw - at::vec::fmadd(xh, V::loadu(c1p + q + j, k), V::loadu(c2p + q + j, k))) * vrs;
+        };
+      }, x.numel() * int64_t(sizeof(T)));
     }
-    const A *cmup = cmu.data(), *crsp = crs.data(), *cep = ce.data(), *c1p = c1v.data(), *c2p = c2v.data();
-    const A *wvp = wv.data(), *bvp = bv.data();
-    nhwc_map<T, A>(xp, dyp, dxp, N * HW, C, [&](int64_t row) {
-      const int64_t q = (row / HW) * C;
-      return [=](int64_t j, int64_t k, const V& xv, const V& d) {
-        const V vrs = V::loadu(crsp + q + j, k);
-        const V xh = ((xv - V::loadu(cmup + q + j, k)) - V::loadu(cep + q + j, k)) * vrs;
-        const V vw = V::loadu(wvp + j, k);
-        V de = d;
-        if (silu) de = de * vsilu_grad(at::vec::fmadd(xh, vw, V::loadu(bvp + j, k)));
-        return (de * vw - at::vec::fmadd(xh, V::loadu(c1p + q + j, k), V::loadu(c2p + q + j, k))) * vrs;
-      };
-    });
   }
   // dW / dB: sums over samples in sample order.
   if (dw_acc.defined() || db_acc.defined()) {
