@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "ops.h"
 
@@ -71,6 +73,18 @@ std::string cpu_isa() {
   }
 }
 
+// The copies of the CPU kernels this build holds (the CPU decides which of them can run).
+std::vector<std::string> cpu_isas_built() {
+  std::vector<std::string> isas{"base"};
+#if defined(FUSEDNORM_HAVE_AVX2)
+  isas.emplace_back("avx2");
+#endif
+#if defined(FUSEDNORM_HAVE_AVX512BF16)
+  isas.emplace_back("avx512bf16");
+#endif
+  return isas;
+}
+
 // Number of threads that at::parallel_for actually runs in this library for a job of `tasks` tasks of
 // grain 1. at::parallel_for is a header template over `#pragma omp parallel`: if the library were built
 // without OpenMP it would silently run on one thread; the tests check this returns
@@ -92,6 +106,7 @@ int64_t parallel_threads(int64_t tasks) {
 TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
   m.def("has_cuda() -> bool", &fusednorm::has_cuda);
   m.def("cpu_isa() -> str", &fusednorm::cpu_isa);
+  m.def("cpu_isas_built() -> str[]", &fusednorm::cpu_isas_built);
   m.def("parallel_threads(int tasks) -> int", &fusednorm::parallel_threads);
 }
 

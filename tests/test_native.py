@@ -396,19 +396,74 @@ def test_deterministic_repeat_runs(dtype):
 # ---- the CPU instruction-set copies (base, avx2, avx512bf16) ---------------------------------------------
 
 _ISA_ORDER = ("base", "avx2", "avx512bf16")
+# /proc/cpuinfo flags each copy needs (module.cpp's cpu_isa_level checks the same features).
+_ISA_FLAGS = {
+    "base": set(),
+    "avx2": {"avx2", "fma", "f16c", "bmi2"},
+    "avx512bf16": {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512_bf16"},
+}
 
 
-def _isa_runs_here(isa: str) -> bool:
-    """True when this CPU (and build) runs copy `isa`: the default choice is the best one available."""
-    return _ISA_ORDER.index(isa) <= _ISA_ORDER.index(nat.cpu_isa())
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where there is no such file (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return set()
+
+
+def _isa_skip_reason(isa: str) -> str | None:
+    """Why copy `isa` cannot run here (None when it can): not built, or not supported by this CPU."""
+    if isa not in nat.cpu_isas_built():
+        return (f"this build has no {isa} copy of the kernels (FUSEDNORM_NO_AVX2 / FUSEDNORM_NO_AVX512, a non-GCC "
+                "compiler, or GCC < 10; test_isa_copies_built_and_chosen checks which apply)")
+    flags = _cpu_flags()
+    if flags is not None:
+        supported = _ISA_FLAGS[isa] <= flags
+    else:
+        supported = _ISA_ORDER.index(isa) <= _ISA_ORDER.index(nat.cpu_isa())
+    if not supported:
+        return f"this CPU has no {isa} (needs {' '.join(sorted(_ISA_FLAGS[isa]))})"
+    return None
+
+
+def test_isa_copies_built_and_chosen():
+    """A build with GCC on x86-64 holds the AVX2 copy (and the AVX-512 BF16 one with GCC 10+) unless opted out,
+    and the best copy the CPU supports is the one that runs: the ISA tests below skip only where a CPU or an
+    opted-out build lacks a copy, never because the build silently dropped it."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the ISA copies exist on x86-64 only")
+    built = nat.cpu_isas_built()
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        gcc_major = int(subprocess.run([compiler, "-dumpversion"], capture_output=True, text=True,
+                                       timeout=30).stdout.split(".")[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        gcc_major = 0
+    opted_out = lambda name: os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")  # noqa: E731
+    if "clang" not in os.path.basename(compiler) and gcc_major > 0 and not opted_out("FUSEDNORM_NO_AVX2"):
+        assert "avx2" in built, built
+        if gcc_major >= 10 and not opted_out("FUSEDNORM_NO_AVX512"):
+            assert "avx512bf16" in built, built
+    flags = _cpu_flags()
+    if flags is not None and "FUSEDNORM_CPU_ISA" not in os.environ:
+        best = [isa for isa in _ISA_ORDER if isa in built and _ISA_FLAGS[isa] <= flags][-1]
+        assert nat.cpu_isa() == best, (nat.cpu_isa(), best, built)
 
 
 @pytest.mark.parametrize("isa", ["base", "avx2"])
 def test_lower_isa_copies_match_reference(isa):
     """FUSEDNORM_CPU_ISA=base / avx2 selects the older copies of the kernels (the suite runs the best one):
     they must agree with the reference too (read once per process: run in a subprocess)."""
-    if not _isa_runs_here(isa):
-        pytest.skip(f"this CPU or build has no {isa} copy of the kernels")
+    reason = _isa_skip_reason(isa)
+    if reason is not None:
+        pytest.skip(reason)
     code = r"""
 import torch
 from fusednorm.backends import native as nat, reference as ref
@@ -537,8 +592,9 @@ def test_avx512_copy_matches_avx2_copy_bit_for_bit():
     """The AVX-512 BF16 copy converts bf16 outputs with vcvtne2ps2bf16 (which flushes denormals and keeps
     NaN payloads) and falls back to the AVX2 rounding for vectors holding either: every output, the tiny and
     NaN ones included, must have the AVX2 copy's bits."""
-    if not _isa_runs_here("avx512bf16"):
-        pytest.skip("this CPU or build has no AVX512-BF16 copy of the kernels")
+    reason = _isa_skip_reason("avx512bf16")
+    if reason is not None:
+        pytest.skip(reason)
     fast = _every_op_outputs(FUSEDNORM_CPU_ISA="avx512bf16", FUSEDNORM_CPU_STREAM_BYTES="0")
     avx2 = _every_op_outputs(FUSEDNORM_CPU_ISA="avx2", FUSEDNORM_CPU_STREAM_BYTES="0")
     _assert_same_bits(fast, avx2, "between the AVX-512 and AVX2 copies")

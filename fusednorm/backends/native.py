@@ -66,6 +66,11 @@ def cpu_isa() -> str:
     return str(_ops.cpu_isa())
 
 
+def cpu_isas_built() -> list[str]:
+    """The copies of the CPU kernels this build holds, e.g. ``["base", "avx2", "avx512bf16"]``."""
+    return [str(isa) for isa in _ops.cpu_isas_built()]
+
+
 def supports(op: str) -> bool:
     """True when this backend implements function ``op``."""
     return op in _OPS and hasattr(_ops, op)
