@@ -24,6 +24,8 @@
 #include <cmath>
 #include <string>
 
+#include "ops.h"
+
 namespace fusednorm {
 namespace autograd_ops {
 namespace {

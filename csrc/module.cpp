@@ -1,6 +1,6 @@
 // Entry point of the fusednorm._C extension: the Python module (importing it runs the static operator
-// registrations of every linked source; it has one function, eager_unintercepted), has_cuda(), and the CPU
-// instruction-set choice.
+// registrations of every linked source; its functions are in eager.cpp), has_cuda(), and the CPU instruction-set
+// choice.
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
@@ -15,12 +15,7 @@
 #include "ops.h"
 
 #if !defined(FUSEDNORM_NO_PYTHON)
-#include <ATen/PythonTorchFunctionTLS.h>
 #include <Python.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
-#include <torch/csrc/jit/frontend/tracer.h>
-#include <torch/csrc/profiler/orchestration/observer.h>
 #endif
 
 namespace fusednorm {
@@ -111,33 +106,16 @@ TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
 }
 
 #if !defined(FUSEDNORM_NO_PYTHON)
-// eager_unintercepted(): True when nothing intercepts ops on this thread: no TorchDispatchMode, no
-// torch-function mode, no functorch transform (vmap, grad, ...), no torch.jit.trace, no profiler. The op
-// layer's plain-eager check (fusednorm/ops/__init__.py, _plain_mode) asks these five questions; from Python
-// that is five calls, each a few microseconds once the caches are cold (the normal state of a norm layer
-// after a memory-bound kernel), so the native path asks them here in one.
-// functorch includes its front-mode dispatch key in the thread's TLS exactly while its layer stack is not empty
-// (ATen/functorch/DynamicLayer.cpp); its own header needs nlohmann/json, which torch's wheels do not ship.
-static bool functorch_layer_active() {
-  return c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+// The module's functions: eager_unintercepted and the whole-call eager entries (csrc/eager.cpp).
+namespace fusednorm {
+namespace eager {
+extern PyMethodDef python_methods[];
 }
-
-static PyObject* eager_unintercepted(PyObject*, PyObject*) {
-  const bool plain = c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !at::impl::torch_function_mode_enabled() &&
-                     !functorch_layer_active() && !torch::jit::tracer::isTracing() &&
-                     !torch::profiler::impl::profilerEnabled();
-  if (plain) Py_RETURN_TRUE;
-  Py_RETURN_FALSE;
-}
-
-static PyMethodDef fusednorm_c_methods[] = {
-    {"eager_unintercepted", eager_unintercepted, METH_NOARGS,
-     "True when no dispatch mode, torch-function mode, functorch transform, JIT trace or profiler is active."},
-    {nullptr, nullptr, 0, nullptr}};
+}  // namespace fusednorm
 
 static struct PyModuleDef fusednorm_c_module = {
     PyModuleDef_HEAD_INIT, "_C",
-    "fusednorm native kernels; the operators live under torch.ops.fusednorm_C", -1, fusednorm_c_methods};
+    "fusednorm native kernels; the operators live under torch.ops.fusednorm_C", -1, fusednorm::eager::python_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusednorm_c_module); }
 #endif

@@ -88,6 +88,20 @@ inline at::Tensor in_layout(const at::Tensor& t, Layout layout) {
   return t.contiguous(memory_format_of(layout, t.dim()));
 }
 
+// The C++ autograd ops of csrc/autograd.cpp (registered as fusednorm_C::layer_norm, ...): each runs the backend
+// ops through the dispatcher and records a C++ autograd node when an input requires grad. csrc/eager.cpp calls
+// them directly.
+namespace autograd_ops {
+at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, double eps, bool is_rms);
+at::Tensor group_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+                      c10::string_view activation);
+at::Tensor batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                      const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps);
+}  // namespace autograd_ops
+
 // Which copy of the CPU kernels runs (see cpu/isa_prelude.h): the best one built that the CPU supports,
 // capped by FUSEDNORM_CPU_ISA=base|avx2|avx512bf16. Decided once per process.
 enum class CpuIsa { kBase = 0, kAvx2 = 1, kAvx512Bf16 = 2 };

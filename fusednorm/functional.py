@@ -3,6 +3,12 @@
 This layer validates arguments (with torch's own error messages where torch has one), resolves defaults such
 as RMSNorm's ``eps=None``, and hands canonical tensors to the op layer in ``fusednorm/ops``. The backend that
 runs each call is chosen per tensor (see ``fusednorm.set_backend`` / ``use_backend``).
+
+LayerNorm, RMSNorm, GroupNorm, InstanceNorm and BatchNorm first offer the call to the native extension's
+whole-call entry (``fusednorm.backends.native_entries``, csrc/eager.cpp): for a valid plain-eager call on CPU
+tensors that the native backend runs, it does the checks and the op layer's work in C++ and returns the result
+(on the CPU this Python costs 80-100 us per call once the caches are cold); for any other call it returns None
+and the code below runs. Under torch.compile the entry is skipped, so dynamo traces the code below.
 """
 
 from __future__ import annotations
@@ -13,10 +19,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusednorm.backends import native_entries as _native
 from fusednorm.ops import variants as _variant_ops
 from fusednorm.ops.batch_norm import batch_norm_nd
 from fusednorm.ops.group_norm import group_norm_nd, spatial_numel
 from fusednorm.ops.layer_norm import layer_norm_rows
+
+_is_compiling = torch.compiler.is_compiling
 
 _FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -112,6 +121,10 @@ def layer_norm(
     floating dtype (fp32 parameters with bf16/fp16 input is the usual AMP case). Returns input's shape and dtype.
     Statistics are computed in fp32 (fp64 for fp64 input).
     """
+    if not _is_compiling():
+        y = _native.layer_norm(input, normalized_shape, weight, bias, eps)
+        if y is not None:
+            return y
     shape = _normalized_shape(normalized_shape)
     _check_row_norm("layer_norm", input, shape, weight, bias, rms=False)
     input, weight, bias = autocast_to_fp32(input, weight, bias)
@@ -129,6 +142,10 @@ def rms_norm(
     y = x / sqrt(mean(x^2) + eps) * weight. ``eps=None`` means ``torch.finfo(input.dtype).eps``, as in torch.
     Shapes and dtypes as for ``layer_norm``.
     """
+    if not _is_compiling():
+        y = _native.rms_norm(input, normalized_shape, weight, eps)
+        if y is not None:
+            return y
     shape = _normalized_shape(normalized_shape)
     _check_row_norm("rms_norm", input, shape, weight, None, rms=True)
     input, weight = autocast_to_fp32(input, weight)
@@ -197,6 +214,10 @@ def group_norm(
     dtype (fp32 with bf16/fp16 input works). ``activation``: None or ``"silu"`` (y = silu(affine(xhat)), as a
     UNet block does next). Returns input's shape, dtype and memory format. Statistics in fp32 (fp64 for fp64).
     """
+    if not _is_compiling():
+        y = _native.group_norm(input, num_groups, weight, bias, eps, activation)
+        if y is not None:
+            return y
     _check_group_norm(input, num_groups, weight, bias)
     act = _activation_name(activation)
     input, weight, bias = autocast_to_fp32(input, weight, bias)
@@ -255,6 +276,10 @@ def instance_norm(
     per-instance variance (from M2, exact even when var << eps). Without it, the running stats normalize
     (y = (x - rm) / sqrt(rv + eps) * w + b). Returns input's shape, dtype and memory format.
     """
+    if not _is_compiling():
+        y = _native.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+        if y is not None:
+            return y
     _check_instance_norm(input, running_mean, running_var, weight, bias, use_input_stats)
     c = input.shape[1]
     if not use_input_stats:
@@ -368,6 +393,10 @@ def batch_norm(
     normalizes with the running buffers. ``momentum`` may also be a 0-dim tensor (the modules pass one for
     momentum=None, so the cumulative average needs no host sync). Statistics in fp32 (fp64 for fp64 input).
     """
+    if not _is_compiling():
+        y = _native.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        if y is not None:
+            return y
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, eps)
     return batch_norm_nd(input, running_mean, running_var, weight, bias, training, momentum, eps)
 

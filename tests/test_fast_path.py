@@ -1,14 +1,20 @@
-"""The eager fast path of the op layer (issue #5): ``call_op`` runs a custom op's Python body without the
-torch.library dispatcher, and ``BackendPinnedFunction.call`` runs ``forward`` without ``autograd.Function.apply``
-when no gradient can be needed; on the native backend, LayerNorm/RMSNorm, GroupNorm and BatchNorm go to the
-extension's C++ autograd ops instead (see ``fusednorm/ops/__init__.py``).
+"""The eager fast paths (issue #5).
+
+- The op layer: ``call_op`` runs a custom op's Python body without the torch.library dispatcher, and
+  ``BackendPinnedFunction.call`` runs ``forward`` without ``autograd.Function.apply`` when no gradient can be
+  needed; on the native backend, LayerNorm/RMSNorm, GroupNorm, BatchNorm and add+norm go to the extension's C++
+  autograd ops instead (see ``fusednorm/ops/__init__.py``).
+- In front of it, the native extension's whole-call entries (``backends.native_entries``, csrc/eager.cpp) take
+  valid plain-eager LayerNorm/RMSNorm/GroupNorm/InstanceNorm/BatchNorm calls on CPU tensors in one C++ call.
 
 Checked here, by counting calls (not by timing):
 - plain eager calls of every family take the fast path (no custom-op dispatcher call; no Python autograd node
-  without grad; the C++ autograd op, and no Python autograd node at all, where the native backend runs it);
+  without grad; the whole-call entry, or the C++ autograd op, and no Python autograd node at all, where the native
+  backend runs it); with the entries switched off, the op layer's fast path;
 - torch.compile, FakeTensorMode, a TorchDispatchMode, a torch-function mode, vmap, tensor subclasses and meta
   tensors take the dispatcher path, with correct results;
-- outputs, gradients and running statistics are bit-identical between the fast and the slow path.
+- outputs, gradients and running statistics are bit-identical between the fast and the slow path;
+- the entries decline (return None) every call they must leave to the Python path.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from fusednorm.ops import BackendPinnedFunction
 
 try:
     from fusednorm.backends import native as NATIVE
+
+    backends._load("native")  # in the registry, as after a session's first call: the entries take calls from here
 except ImportError:  # the extension is not built: every family takes the Python fast path
     NATIVE = None
 
@@ -48,14 +56,17 @@ def _native_runs(op: str, x: torch.Tensor) -> bool:
 
 
 class Spy:
-    """Counts fast-path op bodies, calls of the native backend's C++ autograd ops, dispatcher calls made by
-    ``call_op`` and ``autograd.Function.apply`` calls."""
+    """Counts the calls the whole-call entries took, fast-path op bodies, calls of the native backend's C++
+    autograd ops from the op layer, dispatcher calls made by ``call_op`` and ``autograd.Function.apply`` calls."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, calls: bool = True) -> None:
+        self.entry: Counter[str] = Counter()
         self.fast: Counter[str] = Counter()
         self.native: Counter[str] = Counter()
         self.dispatch: Counter[str] = Counter()
         self.apply = 0
+        for fn, entry in list(vars(backends.native_entries).items()):
+            monkeypatch.setattr(backends.native_entries, fn, self._counting_entry(fn, entry))
         for op, body in list(ops._EAGER_IMPLS.items()):
             monkeypatch.setitem(ops._EAGER_IMPLS, op, self._counting(op._name, body))
         if NATIVE is not None:
@@ -79,8 +90,18 @@ class Spy:
         monkeypatch.setattr(BackendPinnedFunction, "apply", classmethod(counting_apply))
 
     def taken(self) -> int:
-        """How many fast-path calls were made: op bodies run directly plus C++ autograd ops."""
-        return sum(self.fast.values()) + sum(self.native.values())
+        """How many fast-path calls were made: entries that took the call, op bodies run directly, C++ autograd
+        ops."""
+        return sum(self.entry.values()) + sum(self.fast.values()) + sum(self.native.values())
+
+    def _counting_entry(self, name: str, entry: Callable) -> Callable:
+        def run(*args):
+            out = entry(*args)
+            if out is not None:
+                self.entry[name] += 1
+            return out
+
+        return run
 
     def _counting(self, name: str, body: Callable, counter: Counter[str] | None = None) -> Callable:
         counter = self.fast if counter is None else counter
@@ -97,8 +118,15 @@ def spy(monkeypatch):
     return Spy(monkeypatch)
 
 
+def _disable_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switch the whole-call entries off: every call goes to the op layer."""
+    for fn in vars(backends.native_entries):
+        monkeypatch.setattr(backends.native_entries, fn, backends._decline)
+
+
 def _force_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make every fast-path check fail, as it does under a mode or a transform: the pre-fast-path behaviour."""
+    _disable_entries(monkeypatch)
     monkeypatch.setattr(ops, "_plain_mode", lambda: False)
     if NATIVE is not None:  # the native path's one-call form of the same check
         monkeypatch.setattr(NATIVE, "eager_unintercepted", lambda: False)
@@ -160,6 +188,12 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
     "layer_norm_2d_shape": (
         _ln, lambda d, o: (F.layer_norm(d[0], (5, 37), None, None),), ("layer_norm_fwd",)
     ),
+    "layer_norm_strided_rows": (
+        _ln, lambda d, o: (F.layer_norm(d[0][..., :30], (30,), d[1][:30], d[2][:30]),), ("layer_norm_fwd",)
+    ),
+    "layer_norm_transposed": (
+        _ln, lambda d, o: (F.layer_norm(d[0].transpose(0, 1), 37, d[1], None),), ("layer_norm_fwd",)
+    ),
     "rms_norm": (_rms, lambda d, o: (F.rms_norm(d[0], (37,), d[1]),), ("layer_norm_fwd",)),
     "group_norm_silu": (
         _gn, lambda d, o: (F.group_norm(d[0], 3, d[1], d[2], activation="silu"),), ("group_norm_fwd",)
@@ -174,6 +208,9 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
     "instance_norm": (
         _inorm, lambda d, o: (F.instance_norm(d[0], o[0], o[1], d[1], d[2], momentum=0.3), o[0], o[1]),
         ("group_norm_fwd_var",),
+    ),
+    "instance_norm_no_stats": (
+        _inorm, lambda d, o: (F.instance_norm(d[0], None, None, d[1], d[2]),), ("group_norm_fwd",)
     ),
     "batch_norm_train": (
         _bn, lambda d, o: (F.batch_norm(d[0], o[0], o[1], d[1], d[2], True, 0.3), o[0], o[1]),
@@ -206,9 +243,19 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
 
 # The case's C++ autograd op on the native backend (the first op the case's Python path runs decides).
 NATIVE_FAMILY = {
-    "layer_norm": "layer_norm", "layer_norm_2d_shape": "layer_norm", "rms_norm": "layer_norm",
-    "group_norm_silu": "group_norm", "batch_norm_train": "batch_norm", "batch_norm_train_cl": "batch_norm",
+    "layer_norm": "layer_norm", "layer_norm_2d_shape": "layer_norm", "layer_norm_strided_rows": "layer_norm",
+    "layer_norm_transposed": "layer_norm", "rms_norm": "layer_norm", "group_norm_silu": "group_norm",
+    "instance_norm_no_stats": "group_norm", "batch_norm_train": "batch_norm", "batch_norm_train_cl": "batch_norm",
     "batch_norm_eval": "batch_norm", "add_layer_norm": "add_norm", "add_rms_norm_dropout": "add_norm",
+}
+
+# The whole-call entry that takes the case on the native backend (instance_norm with running statistics is left
+# to the op layer).
+NATIVE_ENTRY = {
+    "layer_norm": "layer_norm", "layer_norm_2d_shape": "layer_norm", "layer_norm_strided_rows": "layer_norm",
+    "layer_norm_transposed": "layer_norm", "rms_norm": "rms_norm", "group_norm_silu": "group_norm",
+    "instance_norm_no_stats": "instance_norm", "batch_norm_train": "batch_norm",
+    "batch_norm_train_cl": "batch_norm", "batch_norm_eval": "batch_norm",
 }
 
 
@@ -229,19 +276,26 @@ def _run(name: str, inputs, grad: bool):
     return [o.detach() for o in outs], grads
 
 
+@pytest.mark.parametrize("entries", [True, False], ids=["entries", "op_layer"])
 @pytest.mark.parametrize("grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_fast_path_taken_and_bit_identical(name, grad, monkeypatch):
+def test_fast_path_taken_and_bit_identical(name, grad, entries, monkeypatch):
     maker, _, fast_ops = CASES[name]
     inputs = maker()
+    if not entries:
+        _disable_entries(monkeypatch)
     spy = Spy(monkeypatch)
     fast_out, fast_grads = _run(name, inputs, grad)
-    family = NATIVE_FAMILY.get(name)
-    if family is not None and _native_runs(fast_ops[0], inputs[0][0]):
-        assert spy.native[family] == 1 and not spy.fast, (spy.native, spy.fast)
+    family, entry = NATIVE_FAMILY.get(name), NATIVE_ENTRY.get(name)
+    native = family is not None and _native_runs(fast_ops[0], inputs[0][0])
+    if entries and entry is not None and native:
+        assert spy.entry == Counter({entry: 1}) and not spy.native and not spy.fast, (spy.entry, spy.native)
+        assert spy.apply == 0, "the entry runs the C++ autograd op: no Python autograd.Function"
+    elif family is not None and native:
+        assert spy.native[family] == 1 and not spy.fast and not spy.entry, (spy.native, spy.fast, spy.entry)
         assert spy.apply == 0, "the C++ autograd op records its own node: no Python autograd.Function"
     else:
-        assert not spy.native, spy.native
+        assert not spy.native and not spy.entry, (spy.native, spy.entry)
         for op in fast_ops:
             assert spy.fast[op] >= 1, (op, spy.fast)
         if grad:
@@ -291,7 +345,8 @@ def test_modules_with_parameters_take_the_fast_path(spy):
         bn(torch.randn(2, 6, 3, 3))
         gn(torch.randn(2, 6, 3, 3))
     if native:
-        assert spy.native == Counter({"layer_norm": 1, "batch_norm": 1, "group_norm": 1}) and not spy.fast
+        assert spy.entry == Counter({"layer_norm": 1, "batch_norm": 1, "group_norm": 1}), spy.entry
+        assert not spy.native and not spy.fast
     else:
         assert spy.fast["layer_norm_fwd"] == 1
         assert spy.fast["batch_norm_apply"] == 1
@@ -301,7 +356,7 @@ def test_modules_with_parameters_take_the_fast_path(spy):
     y.sum().backward()
     assert not spy.dispatch and ln.weight.grad is not None
     if native:
-        assert spy.apply == 0 and spy.native["layer_norm"] == 2 and not spy.fast
+        assert spy.apply == 0 and spy.entry["layer_norm"] == 2 and not spy.fast
         assert y.grad_fn.name().endswith("autograd_ops::LayerNormFunction>")
     else:
         assert spy.apply == 1 and spy.fast["layer_norm_bwd"] == 1
@@ -478,7 +533,8 @@ def test_double_backward_raises(case, path, spy, monkeypatch):
     if path == "slow" or case == "switchable_norm" or not _native_runs("layer_norm_fwd", x):
         assert spy.dispatch, "the backward op must go through the dispatcher under create_graph=True"
     else:
-        assert spy.native[case] == 1 and not spy.dispatch
+        # the expanded GroupNorm input is left to the op layer (the entry takes the layouts kernels address)
+        assert spy.native[case] + spy.entry[case] == 1 and not spy.dispatch
     with pytest.raises(RuntimeError, match="no autograd formula"):
         g.sum().backward()
 
@@ -520,6 +576,7 @@ def _family_call(family: str, x, w, b, bufs):
 
 
 @needs_native
+@pytest.mark.parametrize("entries", [True, False], ids=["entries", "op_layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("needs", ["x", "params", "all"])
 @pytest.mark.parametrize(
@@ -531,10 +588,13 @@ def _family_call(family: str, x, w, b, bufs):
         for a in (("none", "weight") if f.endswith("rms_norm") else ("none", "weight", "bias", "both"))
     ],
 )
-def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype, monkeypatch):
+def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype, entries, monkeypatch):
     """Every combination of absent parameters and of which inputs require grad (the C++ node indexes only the
     tensors given), fp32 and bf16 input with fp32 parameters, channels_last for the (N, C, H, W) families:
-    outputs, gradients and running buffers bit-identical to the Python autograd.Function path."""
+    outputs, gradients and running buffers bit-identical to the Python autograd.Function path, whether the C++
+    autograd op is reached from a whole-call entry or from the op layer."""
+    if not entries:
+        _disable_entries(monkeypatch)
     gen = torch.Generator().manual_seed(3)
     rows = family in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
     x0 = torch.randn((5, 2, 19) if rows else (4, 6, 5, 3), generator=gen).to(dtype)
@@ -561,7 +621,9 @@ def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype,
 
     spy = Spy(monkeypatch)
     fast = run()
-    assert sum(spy.native.values()) == 1 and not spy.fast and spy.apply == 0
+    with_entry = entries and not family.startswith("add_")
+    assert sum(spy.entry.values()) == with_entry and sum(spy.native.values()) == (not with_entry), spy.entry
+    assert not spy.fast and spy.apply == 0
     _force_slow_path(monkeypatch)
     slow = run()
     assert fast[0].stride() == slow[0].stride() and torch.equal(fast[0], slow[0])
@@ -589,7 +651,7 @@ def test_batch_norm_inference_buffers_rejected_before_any_write(path, monkeypatc
 
 @needs_native
 def test_eager_unintercepted_sees_every_interceptor():
-    """The native path's one-call plain-mode check (csrc/module.cpp) must say False wherever ``_plain_mode`` does."""
+    """The native path's one-call plain-mode check (csrc/eager.cpp) must say False wherever ``_plain_mode`` does."""
     check = NATIVE.eager_unintercepted
     seen: dict[str, bool] = {}
 
@@ -610,3 +672,109 @@ def test_eager_unintercepted_sees_every_interceptor():
     assert seen == dict.fromkeys(["profiler", "vmap", "grad", "dispatch mode", "torch-function mode", "jit.trace"],
                                  False), seen
     assert check(), "back to plain eager after the scopes"
+
+
+# ---- the whole-call entries decline what the Python path must handle ----------------------------------------
+
+
+def _declined_calls() -> list[tuple[str, str, tuple]]:
+    """(entry, why, positional arguments) for calls each entry must leave to the Python path: invalid arguments
+    (the Python path raises torch's error), and valid ones only the Python path handles."""
+    x, w, b = torch.randn(3, 5, 8), torch.randn(8), torch.randn(8)
+    x4, c4 = torch.randn(2, 6, 4, 3), torch.randn(6)
+    rm, rv = torch.zeros(6), torch.ones(6)
+    return [
+        ("layer_norm", "integer input", (torch.arange(24).view(3, 8), (8,), None, None, 1e-5)),
+        ("layer_norm", "meta input", (torch.empty(3, 8, device="meta"), (8,), None, None, 1e-5)),
+        ("layer_norm", "tensor subclass", (x.as_subclass(_Sub), (8,), w, b, 1e-5)),
+        ("layer_norm", "zero-size input", (torch.randn(0, 8), (8,), w, b, 1e-5)),
+        ("layer_norm", "sparse input", (torch.randn(3, 8).to_sparse(), (8,), None, None, 1e-5)),
+        ("layer_norm", "weight on another device", (x, (8,), torch.randn(8, device="meta"), b, 1e-5)),
+        ("layer_norm", "weight of the wrong shape", (x, (8,), torch.randn(7), b, 1e-5)),
+        ("layer_norm", "bias of the wrong shape", (x, (8,), w, torch.randn(1, 8), 1e-5)),
+        ("layer_norm", "empty normalized_shape", (x, (), None, None, 1e-5)),
+        ("layer_norm", "normalized_shape not trailing", (x, (5,), None, None, 1e-5)),
+        ("layer_norm", "normalized_shape longer than input", (x, (2, 3, 5, 8), None, None, 1e-5)),
+        ("layer_norm", "normalized_shape of floats", (x, (8.0,), None, None, 1e-5)),
+        ("layer_norm", "eps a bool", (x, (8,), w, b, True)),
+        ("layer_norm", "eps a tensor", (x, (8,), w, b, torch.tensor(1e-5))),
+        ("rms_norm", "integer weight", (x, (8,), torch.arange(8), None)),
+        ("rms_norm", "input of another shape", (x, [5, 7], None, None)),
+        ("group_norm", "groups not dividing channels", (x4, 4, c4, c4, 1e-5, None)),
+        ("group_norm", "zero groups", (x4, 0, None, None, 1e-5, None)),
+        ("group_norm", "groups a bool", (x4, True, None, None, 1e-5, None)),
+        ("group_norm", "one value per group", (torch.randn(1, 2, 1), 2, None, None, 1e-5, None)),
+        ("group_norm", "1-D input", (torch.randn(6), 3, None, None, 1e-5, None)),
+        ("group_norm", "weight not a vector", (x4, 3, c4.view(2, 3), None, 1e-5, None)),
+        ("group_norm", "bias of the wrong size", (x4, 3, None, torch.randn(5), 1e-5, None)),
+        ("group_norm", "unknown activation", (x4, 3, None, None, 1e-5, "relu")),
+        ("group_norm", "layout the kernels do not address", (x4.transpose(2, 3), 3, None, None, 1e-5, None)),
+        ("instance_norm", "running statistics", (x4, rm, rv, None, None, True, 0.1, 1e-5)),
+        ("instance_norm", "running statistics in use", (x4, rm, rv, None, None, False, 0.1, 1e-5)),
+        ("instance_norm", "eps == 0", (x4, None, None, None, None, True, 0.1, 0.0)),
+        ("instance_norm", "one value per instance", (torch.randn(2, 6, 1), None, None, None, None, True, 0.1, 1e-5)),
+        ("instance_norm", "2-D input", (torch.randn(2, 6), None, None, None, None, True, 0.1, 1e-5)),
+        ("batch_norm", "tensor momentum", (x4, rm, rv, None, None, True, torch.tensor(0.1), 1e-5)),
+        ("batch_norm", "training as an int", (x4, rm, rv, None, None, 1, 0.1, 1e-5)),
+        ("batch_norm", "one value per channel", (torch.randn(1, 6), rm, rv, None, None, True, 0.1, 1e-5)),
+        ("batch_norm", "evaluation without running_var", (x4, rm, None, None, None, False, 0.1, 1e-5)),
+        ("batch_norm", "only running_mean in training", (x4, rm, None, None, None, True, 0.1, 1e-5)),
+        ("batch_norm", "eps == 0 in training", (x4, rm, rv, None, None, True, 0.1, 0.0)),
+        ("batch_norm", "negative eps", (x4, rm, rv, None, None, False, 0.1, -1e-5)),
+        ("batch_norm", "running_mean of the wrong size", (x4, torch.zeros(5), rv, None, None, True, 0.1, 1e-5)),
+        ("batch_norm", "integer running_var", (x4, rm, torch.ones(6, dtype=torch.int64), None, None, False, 0.1,
+                                               1e-5)),
+    ]
+
+
+@needs_native
+@pytest.mark.parametrize(("entry", "why", "args"), _declined_calls(), ids=[c[1] for c in _declined_calls()])
+def test_entries_decline_calls_left_to_the_python_path(entry, why, args):
+    assert getattr(backends.native_entries, entry)(*args) is None, why
+
+
+_VALID_CALLS = {
+    "layer_norm": (torch.randn(3, 8), (8,), torch.randn(8), torch.randn(8), 1e-5),
+    "rms_norm": (torch.randn(3, 8), 8, torch.randn(8), None),
+    "group_norm": (torch.randn(2, 6, 3), 3, None, torch.randn(6), 1e-5, "silu"),
+    "instance_norm": (torch.randn(2, 6, 3), None, None, None, None, True, 0.1, 1e-5),
+    "batch_norm": (torch.randn(2, 6, 3), torch.zeros(6), torch.ones(6), None, None, False, 0.1, 1e-5),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("entry", list(_VALID_CALLS))
+def test_entries_decline_outside_plain_eager_with_the_native_backend(entry, monkeypatch):
+    """A valid call is taken in plain eager mode with the native backend in force, and declined under another
+    backend (a scope or set_backend), a broken native extension, a forward-AD level, a dispatch or torch-function
+    mode, vmap and the profiler."""
+    fn = getattr(backends.native_entries, entry)
+    args = _VALID_CALLS[entry]
+    assert fn(*args) is not None
+    with backends.use_backend("native"):
+        assert fn(*args) is not None
+    with backends.use_backend("reference"):
+        assert fn(*args) is None
+        with backends.use_backend("auto"):
+            assert fn(*args) is not None
+    previous = backends.get_backend()
+    backends.set_backend("reference")
+    try:
+        assert fn(*args) is None
+    finally:
+        backends.set_backend(previous)
+    with torch.autograd.forward_ad.dual_level():
+        assert fn(*args) is None
+    with _Recorder():
+        assert fn(*args) is None
+    with _FunctionRecorder():
+        assert fn(*args) is None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert fn(*args) is None
+    seen = []
+    torch.vmap(lambda t: seen.append(fn(t, *args[1:])) or t)(args[0].unsqueeze(0))
+    assert seen == [None]
+    monkeypatch.setitem(backends._loaded, "native", ImportError("fusednorm._C: undefined symbol: foo"))
+    assert fn(*args) is None
+    monkeypatch.undo()
+    assert fn(*args) is not None

@@ -22,6 +22,7 @@ import contextvars
 import dataclasses
 import importlib
 import os
+import types
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -75,6 +76,22 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _scoped_backend.reset(token)
+
+
+# ---- the native extension's whole-call entries -----------------------------------------------------------
+
+
+def _decline(*args: object) -> None:
+    return None
+
+
+#: ``fusednorm._C``'s whole-call eager entries (csrc/eager.cpp), by ``fusednorm.functional`` function name. Each
+#: takes that function's arguments, positionally, and returns its result for a plain-eager call on CPU tensors that
+#: the native backend runs, or None: the Python path then takes the call (and raises torch's error for bad
+#: arguments). ``backends/native.py`` installs them when it loads; until then each declines.
+native_entries = types.SimpleNamespace(
+    layer_norm=_decline, rms_norm=_decline, group_norm=_decline, instance_norm=_decline, batch_norm=_decline
+)
 
 
 # ---- loading -------------------------------------------------------------------------------------------

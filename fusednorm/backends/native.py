@@ -14,7 +14,10 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+
+from fusednorm import backends as _backends
 
 try:
     from fusednorm import _C  # loading it registers torch.ops.fusednorm_C.*
@@ -28,8 +31,14 @@ except ImportError as _exc:  # pragma: no cover - depends on how the package was
 
 _ops = torch.ops.fusednorm_C
 
-# The op layer's plain-eager check in one call (csrc/module.cpp; see fusednorm.ops.native_autograd_op).
+# The op layer's plain-eager check in one call (csrc/eager.cpp; see fusednorm.ops.native_autograd_op).
 eager_unintercepted = _C.eager_unintercepted
+
+# fusednorm.functional's whole-call entries (csrc/eager.cpp): they read the backend in force and the forward-AD
+# level from these modules.
+_C.bind_eager_state(_backends, _forward_ad)
+for _name in vars(_backends.native_entries):
+    setattr(_backends.native_entries, _name, getattr(_C, _name))
 
 _OPS = frozenset(
     {
