@@ -3,8 +3,8 @@
 // Why: on the CPU, the Python in front of a kernel (torch's argument checks, the backend choice, the plain-eager
 // checks, the op layer) costs 80-100 us per call once the caches are cold, which is the normal state of a norm
 // layer that follows a memory-bound kernel. That is a third of a 2048x1024 LayerNorm's time. The entries here
-// (fusednorm._C.layer_norm, rms_norm, group_norm, instance_norm, batch_norm; same arguments as the functions of
-// fusednorm.functional, all positional) do that work for the common case in one call: they check that the call
+// (fusednorm._C.layer_norm, rms_norm, group_norm, instance_norm, batch_norm, add_norm; the arguments of the
+// functions of fusednorm.functional, all positional) do that work for the common case in one call: they check that the call
 // is one the native backend would run the same way (plain eager mode, the native backend in force, plain CPU
 // tensors, valid arguments) and then run the extension's C++ autograd op (csrc/autograd.cpp), exactly as the
 // Python op layer would. Outputs, gradients and running statistics are bit-identical (tests/test_fast_path.py).
@@ -28,6 +28,8 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/profiler/orchestration/observer.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "ops.h"
@@ -384,6 +386,70 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// add_norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, is_rms): add_layer_norm
+// (is_rms False) and add_rms_norm (bias None, eps None for the dtype's machine eps). The dropout seed is drawn
+// from torch's default generator exactly as fusednorm.functional.dropout_seed does, after the checks.
+PyObject* add_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9 || !gate_open() || (args[8] != Py_True && args[8] != Py_False)) Py_RETURN_NONE;
+  const bool is_rms = args[8] == Py_True;
+  const Tensor* x = plain_cpu_tensor(args[0]);
+  OptTensor residual, weight, bias;
+  double eps = 0.0, p = 0.0;
+  if (x == nullptr || x->dim() < 1 || x->numel() == 0 || !optional_tensor(args[1], residual) ||
+      !optional_tensor(args[2], weight) || !optional_tensor(args[3], bias) || !as_double(args[5], p) ||
+      !(p >= 0.0 && p <= 1.0) || (args[6] != Py_True && args[6] != Py_False) ||
+      (args[7] != Py_True && args[7] != Py_False)) {
+    Py_RETURN_NONE;
+  }
+  if (is_rms && args[4] == Py_None) {
+    eps = machine_eps(x->scalar_type());
+  } else if (!as_double(args[4], eps)) {
+    Py_RETURN_NONE;
+  }
+  const int64_t n = x->size(-1);
+  const auto vector_of_n = [n](const OptTensor& t) { return !t || (t->dim() == 1 && t->size(0) == n); };
+  if (!vector_of_n(weight) || !vector_of_n(bias) || (residual && residual->sizes() != x->sizes())) Py_RETURN_NONE;
+  const bool prenorm = args[6] == Py_True, residual_in_fp32 = args[7] == Py_True;
+  // s's dtype: the residual's (x's without one), fp32 instead of 16-bit with residual_in_fp32
+  at::ScalarType s_dtype = residual ? residual->scalar_type() : x->scalar_type();
+  if (residual_in_fp32 && (s_dtype == at::kHalf || s_dtype == at::kBFloat16)) s_dtype = at::kFloat;
+  // The kernels' dropout parameters (fusednorm/backends/reference_variants.py: dropout_threshold, dropout_scale):
+  // keep an element iff its 24-bit hash >= threshold. nearbyint rounds half to even, as Python's round().
+  const int64_t threshold =
+      std::min<int64_t>(int64_t(1) << 24, std::max<int64_t>(0, static_cast<int64_t>(std::nearbyint(p * (1 << 24)))));
+  const double drop_scale = p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
+  Tensor y, s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t seed = p > 0.0 ? at::randint(0, (int64_t(1) << 31) - 1, {1}).item<int64_t>() : 0;
+    const bool is_rows = x->dim() == 2 && x->is_contiguous();
+    const Tensor rows = is_rows ? *x : as_rows(*x, n);
+    if (residual && !(residual->dim() == 2 && residual->is_contiguous())) residual = as_rows(*residual, n);
+    auto out = autograd_ops::add_norm(rows, residual, weight, bias, eps, is_rms, p > 0.0, drop_scale, seed, threshold,
+                                      s_dtype);
+    y = std::move(out[0]);
+    s = std::move(out[1]);
+    if (!is_rows) {
+      y = y.view(x->sizes());
+      s = s.view(x->sizes());
+    }
+  }
+  if (!prenorm) return wrap(std::move(y));
+  PyObject* py_y = wrap(std::move(y));
+  if (py_y == nullptr) return nullptr;
+  PyObject* py_s = wrap(std::move(s));
+  if (py_s == nullptr) {
+    Py_DECREF(py_y);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, py_y, py_s);  // new references to both (or nullptr with the error set)
+  Py_DECREF(py_y);
+  Py_DECREF(py_s);
+  return pair;
+  END_HANDLE_TH_ERRORS
+}
+
 // ---- module functions -----------------------------------------------------------------------------------
 
 PyObject* eager_unintercepted(PyObject*, PyObject*) {
@@ -447,6 +513,9 @@ PyMethodDef python_methods[] = {
     {"batch_norm", fastcall<batch_norm>(), METH_FASTCALL,
      "batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps): as layer_norm; a "
      "float momentum only."},
+    {"add_norm", fastcall<add_norm>(), METH_FASTCALL,
+     "add_norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, is_rms): "
+     "add_layer_norm / add_rms_norm as layer_norm."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace eager

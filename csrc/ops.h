@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 #define FUSEDNORM_DECLARE_OPS(NS)                                                                      \
   namespace NS {                                                                                       \
@@ -100,6 +101,10 @@ at::Tensor group_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weig
 at::Tensor batch_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                       const c10::optional<at::Tensor>& running_var, bool training, double momentum, double eps);
+std::vector<at::Tensor> add_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                 const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                 double eps, bool is_rms, bool has_dropout, double drop_scale, int64_t seed,
+                                 int64_t threshold, at::ScalarType s_dtype);
 }  // namespace autograd_ops
 
 // Which copy of the CPU kernels runs (see cpu/isa_prelude.h): the best one built that the CPU supports,

@@ -4,11 +4,11 @@ This layer validates arguments (with torch's own error messages where torch has 
 as RMSNorm's ``eps=None``, and hands canonical tensors to the op layer in ``fusednorm/ops``. The backend that
 runs each call is chosen per tensor (see ``fusednorm.set_backend`` / ``use_backend``).
 
-LayerNorm, RMSNorm, GroupNorm, InstanceNorm and BatchNorm first offer the call to the native extension's
-whole-call entry (``fusednorm.backends.native_entries``, csrc/eager.cpp): for a valid plain-eager call on CPU
-tensors that the native backend runs, it does the checks and the op layer's work in C++ and returns the result
-(on the CPU this Python costs 80-100 us per call once the caches are cold); for any other call it returns None
-and the code below runs. Under torch.compile the entry is skipped, so dynamo traces the code below.
+LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm and residual-add + norm first offer the call to the
+native extension's whole-call entry (``fusednorm.backends.native_entries``, csrc/eager.cpp): for a valid
+plain-eager call on CPU tensors that the native backend runs, it does the checks and the op layer's work in C++
+and returns the result (on the CPU this Python costs 80-100 us per call once the caches are cold); for any other
+call it returns None and the code below runs. Under torch.compile the entry is skipped, so dynamo traces the code below.
 """
 
 from __future__ import annotations
@@ -468,6 +468,10 @@ def add_layer_norm(
     backward, never stored. Returns y (x.dtype), and also s = dropout(x) + residual when ``prenorm`` (the new
     residual stream), in the residual's dtype (x's when residual is None), or fp32 if ``residual_in_fp32``.
     """
+    if not _is_compiling():
+        out = _native.add_norm(x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, False)
+        if out is not None:
+            return out
     return _add_norm("add_layer_norm", x, residual, weight, bias, eps, dropout_p, prenorm, residual_in_fp32, False)
 
 
@@ -484,6 +488,10 @@ def add_rms_norm(
 
     ``eps=None`` means ``torch.finfo(x.dtype).eps`` as in ``torch.nn.functional.rms_norm``.
     """
+    if not _is_compiling():
+        out = _native.add_norm(x, residual, weight, None, eps, dropout_p, prenorm, residual_in_fp32, True)
+        if out is not None:
+            return out
     if eps is None:
         check_floating("add_rms_norm", x)
         eps = torch.finfo(x.dtype).eps

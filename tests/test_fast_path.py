@@ -5,7 +5,8 @@
   needed; on the native backend, LayerNorm/RMSNorm, GroupNorm, BatchNorm and add+norm go to the extension's C++
   autograd ops instead (see ``fusednorm/ops/__init__.py``).
 - In front of it, the native extension's whole-call entries (``backends.native_entries``, csrc/eager.cpp) take
-  valid plain-eager LayerNorm/RMSNorm/GroupNorm/InstanceNorm/BatchNorm calls on CPU tensors in one C++ call.
+  valid plain-eager LayerNorm/RMSNorm/GroupNorm/InstanceNorm/BatchNorm/add+norm calls on CPU tensors in one C++
+  call.
 
 Checked here, by counting calls (not by timing):
 - plain eager calls of every family take the fast path (no custom-op dispatcher call; no Python autograd node
@@ -255,7 +256,8 @@ NATIVE_ENTRY = {
     "layer_norm": "layer_norm", "layer_norm_2d_shape": "layer_norm", "layer_norm_strided_rows": "layer_norm",
     "layer_norm_transposed": "layer_norm", "rms_norm": "rms_norm", "group_norm_silu": "group_norm",
     "instance_norm_no_stats": "instance_norm", "batch_norm_train": "batch_norm",
-    "batch_norm_train_cl": "batch_norm", "batch_norm_eval": "batch_norm",
+    "batch_norm_train_cl": "batch_norm", "batch_norm_eval": "batch_norm", "add_layer_norm": "add_norm",
+    "add_rms_norm_dropout": "add_norm",
 }
 
 
@@ -621,8 +623,7 @@ def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype,
 
     spy = Spy(monkeypatch)
     fast = run()
-    with_entry = entries and not family.startswith("add_")
-    assert sum(spy.entry.values()) == with_entry and sum(spy.native.values()) == (not with_entry), spy.entry
+    assert sum(spy.entry.values()) == entries and sum(spy.native.values()) == (not entries), spy.entry
     assert not spy.fast and spy.apply == 0
     _force_slow_path(monkeypatch)
     slow = run()
@@ -724,6 +725,15 @@ def _declined_calls() -> list[tuple[str, str, tuple]]:
         ("batch_norm", "running_mean of the wrong size", (x4, torch.zeros(5), rv, None, None, True, 0.1, 1e-5)),
         ("batch_norm", "integer running_var", (x4, rm, torch.ones(6, dtype=torch.int64), None, None, False, 0.1,
                                                1e-5)),
+        ("add_norm", "0-dim input", (torch.tensor(1.0), None, None, None, 1e-5, 0.0, False, False, False)),
+        ("add_norm", "zero-size input", (torch.randn(0, 8), None, w, b, 1e-5, 0.0, False, False, False)),
+        ("add_norm", "residual of another shape", (x, torch.randn(5, 8), w, b, 1e-5, 0.0, False, False, False)),
+        ("add_norm", "weight of the wrong shape", (x, x, torch.randn(1, 8), b, 1e-5, 0.0, False, False, False)),
+        ("add_norm", "dropout probability above 1", (x, x, w, b, 1e-5, 1.5, False, False, False)),
+        ("add_norm", "negative dropout probability", (x, x, w, b, 1e-5, -0.1, False, False, False)),
+        ("add_norm", "prenorm not a bool", (x, x, w, b, 1e-5, 0.0, 1, False, False)),
+        ("add_norm", "residual subclass", (x, x.as_subclass(_Sub), w, b, 1e-5, 0.0, False, False, False)),
+        ("add_norm", "eps None for LayerNorm", (x, x, w, b, None, 0.0, False, False, False)),
     ]
 
 
@@ -739,6 +749,7 @@ _VALID_CALLS = {
     "group_norm": (torch.randn(2, 6, 3), 3, None, torch.randn(6), 1e-5, "silu"),
     "instance_norm": (torch.randn(2, 6, 3), None, None, None, None, True, 0.1, 1e-5),
     "batch_norm": (torch.randn(2, 6, 3), torch.zeros(6), torch.ones(6), None, None, False, 0.1, 1e-5),
+    "add_norm": (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), None, None, 0.0, True, False, True),
 }
 
 
