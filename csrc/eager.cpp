@@ -52,8 +52,8 @@ bool functorch_layer_active() {
 
 // Nothing intercepts ops on this thread: no TorchDispatchMode, no torch-function mode, no functorch transform
 // (vmap, grad, ...), no torch.jit.trace, no profiler (a profile should show the fusednorm ops). These are the
-// op layer's plain-eager questions (fusednorm/ops/__init__.py, _plain_mode) but torch.compile's, which the
-// Python callers ask before they come here.
+// op layer's plain-eager questions (fusednorm/ops/__init__.py, _plain_mode), all but torch.compile's,
+// which the Python callers ask before they come here.
 bool unintercepted() {
   return c10::impl::TorchDispatchModeTLS::stack_len() == 0 && !at::impl::torch_function_mode_enabled() &&
          !functorch_layer_active() && !torch::jit::tracer::isTracing() && !torch::profiler::impl::profilerEnabled();

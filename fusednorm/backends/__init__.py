@@ -22,9 +22,8 @@ import contextvars
 import dataclasses
 import importlib
 import os
-import types
 from collections.abc import Iterator
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -87,10 +86,10 @@ def _decline(*args: object) -> None:
 
 #: ``fusednorm._C``'s whole-call eager entries (csrc/eager.cpp), by ``fusednorm.functional`` function name
 #: (``add_norm`` serves add_layer_norm and add_rms_norm, with an is_rms flag last). Each takes that function's
-#: arguments, positionally, and returns its result for a plain-eager call on CPU tensors that
-#: the native backend runs, or None: the Python path then takes the call (and raises torch's error for bad
-#: arguments). ``backends/native.py`` installs them when it loads; until then each declines.
-native_entries = types.SimpleNamespace(
+#: arguments, positionally, and returns its result for a plain-eager call on CPU tensors that the native backend
+#: runs, or None: the Python path then takes the call (and raises torch's error for bad arguments).
+#: ``backends/native.py`` installs them when it loads; until then each declines.
+native_entries = SimpleNamespace(
     layer_norm=_decline, rms_norm=_decline, group_norm=_decline, instance_norm=_decline, batch_norm=_decline,
     add_norm=_decline,
 )

@@ -27,7 +27,11 @@ a call, LayerNorm/RMSNorm, GroupNorm, BatchNorm and residual-add + norm go inste
 (``csrc/autograd.cpp``, listed in the backend's ``AUTOGRAD_OPS``): one dispatcher call that runs the same
 backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks;
 once the extension is loaded they take one call of it (``fusednorm._C.eager_unintercepted``), and ``select``
-answers the CPU + native case first."""
+answers the CPU + native case first.
+
+Whole-call entries. On CPU tensors most such calls never reach this layer: ``fusednorm.functional`` first offers
+them to the extension's whole-call entries (``backends.native_entries``, csrc/eager.cpp), which do the argument
+checks and this layer's work in C++ and call the same C++ autograd ops. The calls they decline come here."""
 
 from __future__ import annotations
 
