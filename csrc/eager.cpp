@@ -240,6 +240,18 @@ Tensor as_rows(const Tensor& x, int64_t n) {
 
 PyObject* wrap(Tensor&& y) { return THPVariable_Wrap(std::move(y)); }
 
+// Runs `compute` (which returns the output tensor) with the GIL released, as torch's own bindings do, and wraps the
+// result for Python.
+template <class F>
+PyObject* compute_without_gil(const F& compute) {
+  Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = compute();
+  }
+  return wrap(std::move(y));
+}
+
 // ---- the entries ----------------------------------------------------------------------------------------
 // Each returns None for a call it does not take (see the top of the file).
 
@@ -318,12 +330,7 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   } else {
     Py_RETURN_NONE;
   }
-  Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    y = autograd_ops::group_norm(*x, weight, bias, groups, eps, activation);
-  }
-  return wrap(std::move(y));
+  return compute_without_gil([&] { return autograd_ops::group_norm(*x, weight, bias, groups, eps, activation); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -345,12 +352,7 @@ PyObject* instance_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !channel_vector(args[4], c, bias) || !as_double(args[7], eps) || eps == 0.0) {
     Py_RETURN_NONE;
   }
-  Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    y = autograd_ops::group_norm(*x, weight, bias, c, eps, "none");
-  }
-  return wrap(std::move(y));
+  return compute_without_gil([&] { return autograd_ops::group_norm(*x, weight, bias, c, eps, "none"); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -377,12 +379,9 @@ PyObject* batch_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const bool valid = training ? (x->numel() / c != 1 && eps > 0.0 && running_mean.has_value() == running_var.has_value())
                               : (eps >= 0.0 && running_mean.has_value() && running_var.has_value());
   if (!valid) Py_RETURN_NONE;
-  Tensor y;
-  {
-    pybind11::gil_scoped_release no_gil;
-    y = autograd_ops::batch_norm(*x, weight, bias, running_mean, running_var, training, momentum, eps);
-  }
-  return wrap(std::move(y));
+  return compute_without_gil([&] {
+    return autograd_ops::batch_norm(*x, weight, bias, running_mean, running_var, training, momentum, eps);
+  });
   END_HANDLE_TH_ERRORS
 }
 
