@@ -310,6 +310,40 @@ def test_layer_norm_2d_matches_float64(backend, dtypes, channels_last, shape, po
              [t.grad for t in t_leaves], ["y", "dx", "dw", "db"], mixed, param_count=x.numel() // c)
 
 
+# 3-D (N, C, P) inputs with strides that are neither NCHW nor channels_last (the native kernels read those two
+# layouts in place and copy the rest), and channels_last's row view with padded rows.
+CF_ODD_VIEWS = {
+    "permuted": lambda: torch.randn(45, 7, 4).permute(2, 1, 0),
+    "sliced_channels": lambda: torch.randn(4, 14, 45)[:, ::2],
+    "sliced_pixels": lambda: torch.randn(4, 7, 90)[:, :, ::2],
+    "padded_rows": lambda: torch.randn(4, 45, 9)[:, :, :7].transpose(1, 2),
+    "rows_strided_channels": lambda: torch.randn(4, 45, 14).transpose(1, 2)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("backend", CF_BACKENDS)
+@pytest.mark.parametrize("view", list(CF_ODD_VIEWS))
+def test_layer_norm_2d_odd_strides(backend, view):
+    x = CF_ODD_VIEWS[view]() * 2 + 0.5
+    assert x.shape == (4, 7, 45)
+    w, b = torch.randn(7) + 1, torch.randn(7)
+    dy = torch.randn(45, 4, 7).permute(1, 2, 0)  # a dy in yet another layout
+    leaves = [_leaf(t) for t in (x, w, b)]
+    with fusednorm.use_backend(backend):
+        y = F.layer_norm_2d(*leaves, eps=1e-6)
+        y.backward(dy)
+    # the ops' fake implementations promise empty_like(x)'s strides
+    assert y.stride() == torch.empty_like(x).stride() and leaves[0].grad.stride() == torch.empty_like(x).stride()
+    ref_leaves = [_leaf(t, torch.float64) for t in (x, w, b)]
+    ref = _ln2d_torch(*ref_leaves, 1e-6)
+    ref.backward(dy.double())
+    t_leaves = [_leaf(t) for t in (x, w, b)]
+    tout = _ln2d_torch(*t_leaves, 1e-6)
+    tout.backward(dy)
+    _compare([y], [ref], [tout], [t.grad for t in leaves], [t.grad for t in ref_leaves],
+             [t.grad for t in t_leaves], ["y", "dx", "dw", "db"], param_count=x.numel() // 7)
+
+
 @pytest.mark.parametrize("backend", CF_BACKENDS)
 def test_layer_norm_2d_module_bias_free_and_large_mean(backend):
     m = fusednorm.LayerNorm2d(12, bias=False)

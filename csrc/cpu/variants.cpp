@@ -21,6 +21,9 @@
 #include "cpu/cpu_utils.h"
 #include "ops.h"
 
+// The LayerNorm row kernels of this copy (layer_norm.cpp), which run channels-last channels-first LayerNorm.
+FUSEDNORM_DECLARE_OPS(fusednorm::cpu::FUSEDNORM_ISA)
+
 namespace fusednorm {
 namespace cpu {
 namespace FUSEDNORM_ISA {
@@ -545,156 +548,271 @@ constexpr const char* kLayerNormCfBwd =
     "layer_norm_cf_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd) "
     "-> (Tensor, Tensor, Tensor)";
 
-// Pixels are processed in blocks of kPix: the block's (C, kPix) slab is gathered through x's strides into an
-// acc-type buffer (so NCHW and channels_last are both read in place, without a permute copy), reduced exactly
-// in two steps over C (mean, then centred squares), and written back through the output's strides.
+// Two layouts reach the kernels without a copy:
+// - channels contiguous (the (N, C, P) view of a channels_last tensor): each pixel's C values are one row of
+//   an (N * P, C) matrix, so this is LayerNorm over rows and the row kernels of layer_norm.cpp run it;
+// - pixels contiguous (NCHW): a block of kPix pixels of one sample is read as C short vectors, one per
+//   channel, and the vectors run along the pixels, so every reduction over C is a vector add (no horizontal
+//   sums, no gathers). The block's (C, kPix) values are kept in an acc-type slab (L1 / L2) for the exact
+//   second pass over centred values and for the output pass.
+// Any other strides are first copied to the pixels-contiguous layout (rare: a 3-D input with odd strides).
 constexpr int64_t kPix = 32;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_fwd(const at::Tensor& x,
+// (N, C, P) x whose pixels, channel-innermost, form one row-major (N * P, C) matrix.
+inline bool channels_are_rows(const at::Tensor& x) { return x.transpose(1, 2).is_contiguous(); }
+
+// x itself if its pixels are contiguous (stride 1 along P), else a contiguous copy.
+inline at::Tensor pixels_contiguous(const at::Tensor& x) {
+  return x.size(2) <= 1 || x.stride(2) == 1 ? x : x.contiguous();
+}
+
+// The (N * P, C) row matrix of a channels_are_rows tensor, and back (same memory, x's strides).
+inline at::Tensor as_rows(const at::Tensor& x) { return x.transpose(1, 2).reshape({x.size(0) * x.size(2), x.size(1)}); }
+inline at::Tensor rows_as(const at::Tensor& rows, const at::Tensor& like) {
+  return rows.as_strided(like.sizes(), like.strides());
+}
+
+// Lane counts of a block of np (<= kPix) pixels: vector v holds pixels [v * W, v * W + cnt[v]); lanes past np
+// are loaded as zeros, which keeps every lane's arithmetic finite, and are never stored.
+template <typename A>
+struct PixelLanes {
+  static constexpr int64_t W = Vectorized<A>::size();
+  static constexpr int64_t kVecs = kPix / W;
+  int64_t cnt[kVecs];
+  explicit PixelLanes(int64_t np) {
+    for (int64_t v = 0; v < kVecs; ++v) cnt[v] = std::clamp<int64_t>(np - v * W, 0, W);
+  }
+};
+
+// One block of np pixels of one sample: x and y point at the block's channel-0 values, sx / sy are the channel
+// strides. Writes y, and the block's mean / rstd (acc type, contiguous). slab: C * kPix acc values.
+template <typename T, typename A>
+void cf_fwd_block(const T* x, int64_t sx, T* y, int64_t sy, int64_t C, int64_t np, const A* w, const A* b, A eps,
+                  A* slab, A* mean, A* rstd) {
+  using V = Vectorized<A>;
+  using L = PixelLanes<A>;
+  constexpr int64_t W = L::W, kVecs = L::kVecs;
+  const L lanes(np);
+  const V vc(static_cast<A>(C));
+  // The sum is taken relative to channel 0, so a constant pixel's mean is exactly its value.
+  V k[kVecs], s[kVecs];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVecs; ++v) {
+    k[v] = load_acc<T, A>(x + v * W, lanes.cnt[v]);
+    s[v] = V(A(0));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const V xv = load_acc<T, A>(x + c * sx + v * W, lanes.cnt[v]);
+      xv.store(slab + c * kPix + v * W);
+      s[v] = s[v] + (xv - k[v]);
+    }
+  }
+  V mu[kVecs], q[kVecs];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVecs; ++v) {
+    mu[v] = k[v] + s[v] / vc;
+    q[v] = V(A(0));
+  }
+  for (int64_t c = 0; c < C; ++c) {
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const V d = V::loadu(slab + c * kPix + v * W) - mu[v];
+      q[v] = at::vec::fmadd(d, d, q[v]);
+    }
+  }
+  V rs[kVecs];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVecs; ++v) {
+    rs[v] = (q[v] / vc + V(eps)).rsqrt();
+    if (lanes.cnt[v] > 0) {
+      mu[v].store(mean + v * W, lanes.cnt[v]);
+      rs[v].store(rstd + v * W, lanes.cnt[v]);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const V wc(w != nullptr ? w[c] : A(1)), bc(b != nullptr ? b[c] : A(0));
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const V xh = (V::loadu(slab + c * kPix + v * W) - mu[v]) * rs[v];
+      store_acc<T, A>(y + c * sy + v * W, at::vec::fmadd(xh, wc, bc), lanes.cnt[v]);
+    }
+  }
+}
+
+// Backward of one block (pointers at channel 0 of the block, channel strides sx / sd / so). dw_lanes / db_lanes
+// (C * W each, or null) accumulate per-lane sums of dy * xhat and dy over the pixels.
+template <typename T, typename A>
+void cf_bwd_block(const T* x, int64_t sx, const T* dy, int64_t sd, T* dx, int64_t so, int64_t C, int64_t np,
+                  const A* w, const A* mean, const A* rstd, A* dw_lanes, A* db_lanes) {
+  using V = Vectorized<A>;
+  using L = PixelLanes<A>;
+  constexpr int64_t W = L::W, kVecs = L::kVecs;
+  const L lanes(np);
+  const V vc(static_cast<A>(C));
+  V mu[kVecs], rs[kVecs], e[kVecs];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVecs; ++v) {
+    mu[v] = V::loadu(mean + v * W, lanes.cnt[v]);
+    rs[v] = V::loadu(rstd + v * W, lanes.cnt[v]);
+    e[v] = V(A(0));
+  }
+  // e = mean over channels of (x - mean): the saved mean's rounding, removed from xhat as in the LayerNorm
+  // backward (dx cancels when |mean| >> std).
+  for (int64_t c = 0; c < C; ++c) {
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVecs; ++v) e[v] = e[v] + (load_acc<T, A>(x + c * sx + v * W, lanes.cnt[v]) - mu[v]);
+  }
+  V c1[kVecs], c2[kVecs];
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVecs; ++v) {
+    e[v] = e[v] / vc;
+    c1[v] = c2[v] = V(A(0));
+  }
+  auto xhat = [&](int64_t c, int64_t v) {
+    return ((load_acc<T, A>(x + c * sx + v * W, lanes.cnt[v]) - mu[v]) - e[v]) * rs[v];
+  };
+  for (int64_t c = 0; c < C; ++c) {
+    const V wc(w != nullptr ? w[c] : A(1));
+    V sw(A(0)), sb(A(0));
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const V xh = xhat(c, v);
+      const V d = load_acc<T, A>(dy + c * sd + v * W, lanes.cnt[v]);
+      const V g = d * wc;
+      c1[v] = at::vec::fmadd(g, xh, c1[v]);
+      c2[v] = c2[v] + g;
+      sw = at::vec::fmadd(d, xh, sw);
+      sb = sb + d;
+    }
+    if (dw_lanes != nullptr) (V::loadu(dw_lanes + c * W) + sw).store(dw_lanes + c * W);
+    if (db_lanes != nullptr) (V::loadu(db_lanes + c * W) + sb).store(db_lanes + c * W);
+  }
+#pragma GCC unroll 8
+  for (int64_t v = 0; v < kVecs; ++v) {
+    c1[v] = c1[v] / vc;
+    c2[v] = c2[v] / vc;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const V wc(w != nullptr ? w[c] : A(1));
+#pragma GCC unroll 8
+    for (int64_t v = 0; v < kVecs; ++v) {
+      const V g = load_acc<T, A>(dy + c * sd + v * W, lanes.cnt[v]) * wc;
+      const V out = ((g - xhat(c, v) * c1[v]) - c2[v]) * rs[v];
+      store_acc<T, A>(dx + c * so + v * W, out, lanes.cnt[v]);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_fwd(const at::Tensor& x_in,
                                                                  const c10::optional<at::Tensor>& weight,
                                                                  const c10::optional<at::Tensor>& bias,
                                                                  double eps) {
-  TORCH_CHECK(x.dim() == 3, "fusednorm_C::layer_norm_cf_fwd: x must be (N, C, P)");
-  const auto acc = acc_scalar_type(x.scalar_type());
+  TORCH_CHECK(x_in.dim() == 3, "fusednorm_C::layer_norm_cf_fwd: x must be (N, C, P)");
+  const int64_t N = x_in.size(0), C = x_in.size(1), P = x_in.size(2);
+  if (x_in.numel() > 0 && channels_are_rows(x_in)) {
+    auto [y, mean, rstd] = FUSEDNORM_ISA::layer_norm_fwd(as_rows(x_in), weight, bias, eps, /*is_rms=*/false);
+    return {rows_as(y, x_in), mean.view({N, P}), rstd.view({N, P})};
+  }
+  const auto acc = acc_scalar_type(x_in.scalar_type());
   const at::Tensor w = param_acc(weight, acc), b = param_acc(bias, acc);
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({N, P}, x.options().dtype(acc)), rstd = at::empty({N, P}, x.options().dtype(acc));
-  if (x.numel() == 0) return {y, mean, rstd};
+  at::Tensor y = at::empty_like(x_in);
+  at::Tensor mean = at::empty({N, P}, x_in.options().dtype(acc)), rstd = at::empty({N, P}, x_in.options().dtype(acc));
+  if (x_in.numel() == 0) return {y, mean, rstd};
+  const at::Tensor x = pixels_contiguous(x_in);
+  at::Tensor yw = pixels_contiguous(y);  // y itself unless empty_like kept odd strides
   dispatch_float(x.scalar_type(), [&](auto tv) {
     using T = decltype(tv);
     using A = acc_type<T>;
     const T* xp = x.data_ptr<T>();
-    T* yp = y.data_ptr<T>();
+    T* yp = yw.data_ptr<T>();
     const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
     const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
     A* mp = mean.data_ptr<A>();
     A* rp = rstd.data_ptr<A>();
-    const int64_t sxn = x.stride(0), sxc = x.stride(1), sxp = x.stride(2);
-    const int64_t syn = y.stride(0), syc = y.stride(1), syp = y.stride(2);
+    const int64_t sxn = x.stride(0), sxc = x.stride(1), syn = yw.stride(0), syc = yw.stride(1);
     const int64_t pblocks = (P + kPix - 1) / kPix;
     at::parallel_for(0, N * pblocks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<A> slab(C * kPix);  // slab[c * kPix + j]
+      std::vector<A> slab(C * kPix);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix, np = std::min(kPix, P - p0);
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t j = 0; j < np; ++j) slab[c * kPix + j] = static_cast<A>(xp[n * sxn + c * sxc + (p0 + j) * sxp]);
-        A mu[kPix], rs[kPix], k[kPix];
-        // mean relative to channel 0: exact for a constant pixel (mean == x, not x +- 1 ulp)
-        for (int64_t j = 0; j < np; ++j) {
-          k[j] = slab[j];
-          mu[j] = 0;
-        }
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t j = 0; j < np; ++j) mu[j] += slab[c * kPix + j] - k[j];
-        for (int64_t j = 0; j < np; ++j) {
-          mu[j] = k[j] + mu[j] / A(C);
-          rs[j] = 0;
-        }
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t j = 0; j < np; ++j) {
-            const A d = slab[c * kPix + j] - mu[j];
-            rs[j] += d * d;
-          }
-        for (int64_t j = 0; j < np; ++j) {
-          rs[j] = A(1) / std::sqrt(rs[j] / A(C) + A(eps));
-          mp[n * P + p0 + j] = mu[j];
-          rp[n * P + p0 + j] = rs[j];
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const A wc = wp ? wp[c] : A(1), bc = bp ? bp[c] : A(0);
-          for (int64_t j = 0; j < np; ++j)
-            yp[n * syn + c * syc + (p0 + j) * syp] = static_cast<T>((slab[c * kPix + j] - mu[j]) * rs[j] * wc + bc);
-        }
+        const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix;
+        cf_fwd_block<T, A>(xp + n * sxn + p0, sxc, yp + n * syn + p0, syc, C, std::min(kPix, P - p0), wp, bp,
+                           static_cast<A>(eps), slab.data(), mp + n * P + p0, rp + n * P + p0);
       }
     });
   });
+  if (!yw.is_same(y)) y.copy_(yw);
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_bwd(const at::Tensor& dy_in, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cf_bwd(const at::Tensor& dy_in, const at::Tensor& x_in,
                                                                  const c10::optional<at::Tensor>& weight,
                                                                  const c10::optional<at::Tensor>& bias,
                                                                  const at::Tensor& mean, const at::Tensor& rstd) {
-  const auto acc = acc_scalar_type(x.scalar_type());
+  const int64_t N = x_in.size(0), C = x_in.size(1), P = x_in.size(2);
+  if (x_in.numel() > 0 && channels_are_rows(x_in)) {
+    auto [dx, dw, db] = FUSEDNORM_ISA::layer_norm_bwd(as_rows(dy_in), as_rows(x_in), weight, bias,
+                                                      mean.reshape({N * P}), rstd.reshape({N * P}), false);
+    return {rows_as(dx, x_in), dw, db};
+  }
+  const auto acc = acc_scalar_type(x_in.scalar_type());
   const at::Tensor w = param_acc(weight, acc);
   const bool has_b = bias.has_value() && bias->defined();
-  const at::Tensor dy = dy_in.to(x.scalar_type());
-  const at::Tensor mc = mean.to(acc).contiguous(), rc = rstd.to(acc).contiguous();
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2);
-  at::Tensor dx = at::empty_like(x);
-  at::Tensor dw_acc = w.defined() ? at::zeros({C}, x.options().dtype(acc)) : at::Tensor();
-  at::Tensor db_acc = has_b ? at::zeros({C}, x.options().dtype(acc)) : at::Tensor();
-  if (x.numel() > 0) {
+  at::Tensor dx = at::empty_like(x_in);
+  at::Tensor dw_acc = w.defined() ? at::zeros({C}, x_in.options().dtype(acc)) : at::Tensor();
+  at::Tensor db_acc = has_b ? at::zeros({C}, x_in.options().dtype(acc)) : at::Tensor();
+  if (x_in.numel() > 0) {
+    const at::Tensor x = pixels_contiguous(x_in), dy = pixels_contiguous(dy_in.to(x_in.scalar_type()));
+    const at::Tensor mc = mean.to(acc).contiguous(), rc = rstd.to(acc).contiguous();
+    at::Tensor dxw = pixels_contiguous(dx);
     dispatch_float(x.scalar_type(), [&](auto tv) {
       using T = decltype(tv);
       using A = acc_type<T>;
+      constexpr int64_t W = Vectorized<A>::size();
       const T* xp = x.data_ptr<T>();
       const T* dyp = dy.data_ptr<T>();
-      T* dxp = dx.data_ptr<T>();
+      T* dxp = dxw.data_ptr<T>();
       const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
       const A* mp = mc.data_ptr<A>();
       const A* rp = rc.data_ptr<A>();
-      const int64_t sxn = x.stride(0), sxc = x.stride(1), sxp = x.stride(2);
-      const int64_t sdn = dy.stride(0), sdc = dy.stride(1), sdp = dy.stride(2);
-      const int64_t son = dx.stride(0), soc = dx.stride(1), sop = dx.stride(2);
+      const int64_t sxn = x.stride(0), sxc = x.stride(1), sdn = dy.stride(0), sdc = dy.stride(1);
+      const int64_t son = dxw.stride(0), soc = dxw.stride(1);
       const int64_t pblocks = (P + kPix - 1) / kPix, tiles = N * pblocks;
       const int64_t blocks = num_blocks(tiles);
-      std::vector<A> pdw(w.defined() ? blocks * C : 0, A(0)), pdb(has_b ? blocks * C : 0, A(0));
+      // Partial dW / dB per block of tiles (a fixed split, reduced in block order: deterministic).
+      std::vector<A> pdw(wp ? blocks * C : 0), pdb(has_b ? blocks * C : 0);
       at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<A> xh(C * kPix), g(C * kPix);
+        std::vector<A> dw_lanes(wp ? C * W : 0), db_lanes(has_b ? C * W : 0);
         for (int64_t blk = b0; blk < b1; ++blk) {
+          std::fill(dw_lanes.begin(), dw_lanes.end(), A(0));
+          std::fill(db_lanes.begin(), db_lanes.end(), A(0));
           const auto [t0, t1] = block_range(tiles, blocks, blk);
-          A* dwr = wp ? pdw.data() + blk * C : nullptr;
-          A* dbr = has_b ? pdb.data() + blk * C : nullptr;
           for (int64_t t = t0; t < t1; ++t) {
-            const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix, np = std::min(kPix, P - p0);
-            // e = mean over channels of (x - mean): the saved mean's rounding, removed from xhat as in the
-            // LayerNorm backward (dx cancels when |mean| >> std).
-            A c1[kPix], c2[kPix], e[kPix];
-            for (int64_t j = 0; j < np; ++j) c1[j] = c2[j] = e[j] = 0;
-            for (int64_t c = 0; c < C; ++c)
-              for (int64_t j = 0; j < np; ++j)
-                e[j] += static_cast<A>(xp[n * sxn + c * sxc + (p0 + j) * sxp]) - mp[n * P + p0 + j];
-            for (int64_t j = 0; j < np; ++j) e[j] /= A(C);
-            for (int64_t c = 0; c < C; ++c) {
-              const A wc = wp ? wp[c] : A(1);
-              A sw = 0, sb = 0;
-              for (int64_t j = 0; j < np; ++j) {
-                const int64_t px = p0 + j;
-                const A xv =
-                    ((static_cast<A>(xp[n * sxn + c * sxc + px * sxp]) - mp[n * P + px]) - e[j]) * rp[n * P + px];
-                const A d = static_cast<A>(dyp[n * sdn + c * sdc + px * sdp]);
-                xh[c * kPix + j] = xv;
-                g[c * kPix + j] = d * wc;
-                c1[j] += d * wc * xv;
-                c2[j] += d * wc;
-                sw += d * xv;
-                sb += d;
-              }
-              if (dwr) dwr[c] += sw;
-              if (dbr) dbr[c] += sb;
+            const int64_t n = t / pblocks, p0 = (t % pblocks) * kPix;
+            cf_bwd_block<T, A>(xp + n * sxn + p0, sxc, dyp + n * sdn + p0, sdc, dxp + n * son + p0, soc, C,
+                               std::min(kPix, P - p0), wp, mp + n * P + p0, rp + n * P + p0,
+                               wp ? dw_lanes.data() : nullptr, has_b ? db_lanes.data() : nullptr);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            A sw = 0, sb = 0;
+            for (int64_t l = 0; l < W; ++l) {
+              if (wp) sw += dw_lanes[c * W + l];
+              if (has_b) sb += db_lanes[c * W + l];
             }
-            for (int64_t c = 0; c < C; ++c)
-              for (int64_t j = 0; j < np; ++j) {
-                const int64_t px = p0 + j;
-                const A v = (g[c * kPix + j] - xh[c * kPix + j] * c1[j] / A(C) - c2[j] / A(C)) * rp[n * P + px];
-                dxp[n * son + c * soc + px * sop] = static_cast<T>(v);
-              }
+            if (wp) pdw[blk * C + c] = sw;
+            if (has_b) pdb[blk * C + c] = sb;
           }
         }
       });
-      A* dwo = wp ? dw_acc.data_ptr<A>() : nullptr;
-      A* dbo = has_b ? db_acc.data_ptr<A>() : nullptr;
-      for (int64_t blk = 0; blk < blocks; ++blk)  // block order: deterministic
-        for (int64_t c = 0; c < C; ++c) {
-          if (dwo) dwo[c] += pdw[blk * C + c];
-          if (dbo) dbo[c] += pdb[blk * C + c];
-        }
+      if (wp) sum_block_partials(pdw.data(), blocks, C, dw_acc.data_ptr<A>());
+      if (has_b) sum_block_partials(pdb.data(), blocks, C, db_acc.data_ptr<A>());
     });
+    if (!dxw.is_same(dx)) dx.copy_(dxw);
   }
-  at::Tensor empty = at::empty({0}, x.options());
-  return {dx, w.defined() ? dw_acc.to(weight->scalar_type()) : empty, has_b ? db_acc.to(bias->scalar_type()) : empty};
+  at::Tensor empty = at::empty({0}, x_in.options());
+  return {dx, w.defined() ? dw_acc.to(weight->scalar_type()) : empty,
+          has_b ? db_acc.to(bias->scalar_type()) : empty};
 }
 
 
