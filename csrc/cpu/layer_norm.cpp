@@ -80,6 +80,11 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   // 285-325 -> 205-215 us without it; with it, 4096x640 910-990 vs 1085-1210 us and 1024x4096 1560-1630 vs
   // 1775 us.
   const bool prefetch_next = N * int64_t(sizeof(T)) >= 2048 && 2 * M * N * int64_t(sizeof(T)) >= (int64_t(16) << 20);
+  // Rows two at a time halve the dW/dB partials' loads and stores, which pays for long rows (and with the
+  // prefetch); on shorter rows one at a time is faster. Kernel vs ATen, cold inputs (bench/kernel_ab.py, two runs,
+  // ours / ATen ms, pairs -> single): 1568x384 0.43-0.46 -> 0.18, 2048x512 0.55-0.66 -> 0.35-0.58, 2048x768
+  // 0.85-0.92 -> 0.57-0.96 (ATen 0.56-0.98); pairs stay ahead at 4096x768 (prefetched), 2048x1024, 1024x2048-8192.
+  const bool two_rows = N >= 1024 || prefetch_next;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const auto [r0, r1] = block_range(M, blocks, blk);
@@ -87,7 +92,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
       A* dbr = need_db ? pdb.get() + blk * N : nullptr;
       if (dwr != nullptr) std::fill(dwr, dwr + N, A(0));
       if (dbr != nullptr) std::fill(dbr, dbr + N, A(0));
-      // Rows two at a time (then a last single one): see layer_norm_bwd_rows.
+      // Rows two at a time when two_rows (then a last single one): see layer_norm_bwd_rows.
       auto rows = [&](auto R, int64_t r) {
         constexpr int kR = decltype(R)::value;
         const T* ax[kR];
@@ -115,8 +120,10 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
         }
       };
       int64_t r = r0;
-      for (; r + 2 <= r1; r += 2) rows(std::integral_constant<int, 2>(), r);
-      if (r < r1) rows(std::integral_constant<int, 1>(), r);
+      if (two_rows) {
+        for (; r + 2 <= r1; r += 2) rows(std::integral_constant<int, 2>(), r);
+      }
+      for (; r < r1; ++r) rows(std::integral_constant<int, 1>(), r);
     }
     stream_fence(stream);
   });
