@@ -3,7 +3,7 @@
 // fusednorm's op layer (fusednorm/ops/) wraps the backend ops in Python autograd.Functions. Building a Python
 // autograd node and running a Python backward costs ~100 us per call when the caches are cold, which is the
 // normal state after a memory-bound kernel: as much as a small norm's kernel. These ops do the same work in
-// C++: `fusednorm_C::layer_norm`, `group_norm`, `batch_norm` and `add_norm` run the forward op, record a
+// C++: `fusednorm_C::layer_norm`, `layer_norm_cf`, `group_norm`, `batch_norm` and `add_norm` run the forward op, record a
 // torch::autograd::Function node when an input requires grad, and run the backward ops from it. The kernels
 // are the backend's own ops (called through the dispatcher, so CPU and CUDA tensors both work); the Python
 // path and this one give bit-identical outputs and gradients (tests/test_fast_path.py).
@@ -122,6 +122,48 @@ Tensor layer_norm(const Tensor& x, const OptTensor& weight, const OptTensor& bia
     return LayerNormFunction::forward(nullptr, x, weight, bias, eps, is_rms);
   }
   return LayerNormFunction::apply(x, weight, bias, eps, is_rms);
+}
+
+// ---- channels-first LayerNorm (LayerNorm2d) over (N, C, P) ---------------------------------------------
+
+using LayerNormCfFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
+                                                             double);
+using LayerNormCfBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                             const OptTensor&, const Tensor&, const Tensor&);
+
+struct LayerNormCFFunction : public torch::autograd::Function<LayerNormCFFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                        double eps) {
+    static auto fwd = backend_op<LayerNormCfFwdSig>("fusednorm_C::layer_norm_cf_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, mean, rstd] = fwd.call(x, weight, bias, eps);
+    if (ctx == nullptr) return y;
+    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto bwd = backend_op<LayerNormCfBwdSig>("fusednorm_C::layer_norm_cf_bwd");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+    const Tensor& dy = grads[0];
+    variable_list out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto [dx, dw, db] = bwd.call(dy, x, as_optional(weight), as_optional(bias), saved[3], saved[4]);
+      out = {dx, weight.defined() ? dw : Tensor(), bias.defined() ? db : Tensor(), Tensor()};
+    }
+    guard_double_backward("layer_norm_cf", out, dy, x, weight, bias);
+    return out;
+  }
+};
+
+Tensor layer_norm_cf(const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps) {
+  if (!needs_node(x, {&weight, &bias})) {
+    at::NoGradGuard no_grad;
+    return LayerNormCFFunction::forward(nullptr, x, weight, bias, eps);
+  }
+  return LayerNormCFFunction::apply(x, weight, bias, eps);
 }
 
 // ---- GroupNorm (+ SiLU) over (N, C, *spatial) ---------------------------------------------------------
@@ -461,6 +503,7 @@ std::vector<Tensor> add_norm(const Tensor& x, const OptTensor& residual, const O
 
 TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, bool is_rms) -> Tensor");
+  m.def("layer_norm_cf(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
   m.def("group_norm(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, str activation) -> Tensor");
   m.def(
       "batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
@@ -473,6 +516,7 @@ TORCH_LIBRARY_FRAGMENT(fusednorm_C, m) {
 // CompositeImplicitAutograd: the kernels run above autograd and build their own node.
 TORCH_LIBRARY_IMPL(fusednorm_C, CompositeImplicitAutograd, m) {
   m.impl("layer_norm", &fusednorm::autograd_ops::layer_norm);
+  m.impl("layer_norm_cf", &fusednorm::autograd_ops::layer_norm_cf);
   m.impl("group_norm", &fusednorm::autograd_ops::group_norm);
   m.impl("batch_norm", &fusednorm::autograd_ops::batch_norm);
   m.impl("add_norm", &fusednorm::autograd_ops::add_norm);

@@ -3,11 +3,11 @@
 // Why: on the CPU, the Python in front of a kernel (torch's argument checks, the backend choice, the plain-eager
 // checks, the op layer) costs 80-100 us per call once the caches are cold, which is the normal state of a norm
 // layer that follows a memory-bound kernel. That is a third of a 2048x1024 LayerNorm's time. The entries here
-// (fusednorm._C.layer_norm, rms_norm, group_norm, instance_norm, batch_norm, add_norm; the arguments of the
-// functions of fusednorm.functional, all positional) do that work for the common case in one call: they check that the call
-// is one the native backend would run the same way (plain eager mode, the native backend in force, plain CPU
-// tensors, valid arguments) and then run the extension's C++ autograd op (csrc/autograd.cpp), exactly as the
-// Python op layer would. Outputs, gradients and running statistics are bit-identical (tests/test_fast_path.py).
+// (fusednorm._C.layer_norm, rms_norm, layer_norm_2d, group_norm, instance_norm, batch_norm, add_norm; the
+// arguments of the functions of fusednorm.functional, all positional) do that work for the common case in one
+// call: they check that the call is one the native backend would run the same way (plain eager mode, the native
+// backend in force, plain CPU tensors, valid arguments) and then run the extension's C++ autograd op
+// (csrc/autograd.cpp), exactly as the Python op layer would. Outputs, gradients and running statistics are bit-identical (tests/test_fast_path.py).
 //
 // An entry never raises for bad arguments. For any call it does not take it returns None, and the Python
 // function goes on down its own path, which validates with torch's messages and handles everything else:
@@ -334,6 +334,29 @@ PyObject* group_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// layer_norm_2d(input, weight, bias, eps): input (N, C, *spatial) whose spatial dims view as one (the op layer's
+// (N, C, P); NCHW, channels_last and every 3-D input do); other inputs are copied by the Python path.
+PyObject* layer_norm_2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4 || !gate_open()) Py_RETURN_NONE;
+  const Tensor* x = plain_cpu_tensor(args[0]);
+  if (x == nullptr || x->dim() < 2 || x->numel() == 0) Py_RETURN_NONE;
+  const int64_t c = x->size(1);
+  OptTensor weight, bias;
+  double eps = 0.0;
+  if (!channel_vector(args[1], c, weight) || !channel_vector(args[2], c, bias) || !as_double(args[3], eps)) {
+    Py_RETURN_NONE;
+  }
+  const std::vector<int64_t> ncp{x->size(0), c, x->numel() / (x->size(0) * c)};
+  const bool is_ncp = x->dim() == 3;
+  if (!is_ncp && !at::detail::computeStride(x->sizes(), x->strides(), ncp).has_value()) Py_RETURN_NONE;
+  return compute_without_gil([&] {
+    Tensor y = autograd_ops::layer_norm_cf(is_ncp ? *x : x->view(ncp), weight, bias, eps);
+    return is_ncp ? y : y.reshape(x->sizes());
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 // instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps), taken without
 // running statistics only (with them the op layer also updates the buffers; eps == 0 has its own path there).
 PyObject* instance_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -504,6 +527,8 @@ PyMethodDef python_methods[] = {
      "tensors, or None for a call the Python path must take."},
     {"rms_norm", fastcall<rms_norm>(), METH_FASTCALL,
      "rms_norm(input, normalized_shape, weight, eps): as layer_norm."},
+    {"layer_norm_2d", fastcall<layer_norm_2d>(), METH_FASTCALL,
+     "layer_norm_2d(input, weight, bias, eps): as layer_norm."},
     {"group_norm", fastcall<group_norm>(), METH_FASTCALL,
      "group_norm(input, num_groups, weight, bias, eps, activation): as layer_norm."},
     {"instance_norm", fastcall<instance_norm>(), METH_FASTCALL,

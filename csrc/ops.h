@@ -95,6 +95,8 @@ inline at::Tensor in_layout(const at::Tensor& t, Layout layout) {
 namespace autograd_ops {
 at::Tensor layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, double eps, bool is_rms);
+at::Tensor layer_norm_cf(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& bias, double eps);
 at::Tensor group_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                       const c10::optional<at::Tensor>& bias, int64_t num_groups, double eps,
                       c10::string_view activation);

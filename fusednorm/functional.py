@@ -512,6 +512,10 @@ def layer_norm_2d(
     has input's shape, dtype and memory format. Equals ``layer_norm(input.movedim(1, -1), (C,), w, b, eps)``
     moved back.
     """
+    if not _is_compiling():
+        y = _native.layer_norm_2d(input, weight, bias, eps)
+        if y is not None:
+            return y
     name = "layer_norm_2d"
     check_floating(name, input)
     check_floating(name, weight, "weight")

@@ -227,6 +227,11 @@ CASES: dict[str, tuple[Callable, Callable, tuple[str, ...]]] = {
         _add, lambda d, o: F.add_rms_norm(d[0], d[1], d[2], dropout_p=0.25, prenorm=True), ("add_norm_fwd",)
     ),
     "layer_norm_2d": (_cf, lambda d, o: (F.layer_norm_2d(d[0], d[1], d[2]),), ("layer_norm_cf_fwd",)),
+    "layer_norm_2d_cl": (
+        _cf, lambda d, o: (F.layer_norm_2d(d[0].to(memory_format=torch.channels_last), d[1], None),),
+        ("layer_norm_cf_fwd",),
+    ),
+    "layer_norm_2d_3d": (_cf, lambda d, o: (F.layer_norm_2d(d[0][:, :, 1], None, d[2]),), ("layer_norm_cf_fwd",)),
     "adaptive_layer_norm": (
         _ada, lambda d, o: (F.adaptive_layer_norm(d[0], d[1], d[2], d[3], d[4]),), ("ada_norm_fwd",)
     ),
@@ -248,6 +253,7 @@ NATIVE_FAMILY = {
     "layer_norm_transposed": "layer_norm", "rms_norm": "layer_norm", "group_norm_silu": "group_norm",
     "instance_norm_no_stats": "group_norm", "batch_norm_train": "batch_norm", "batch_norm_train_cl": "batch_norm",
     "batch_norm_eval": "batch_norm", "add_layer_norm": "add_norm", "add_rms_norm_dropout": "add_norm",
+    "layer_norm_2d": "layer_norm_cf", "layer_norm_2d_cl": "layer_norm_cf", "layer_norm_2d_3d": "layer_norm_cf",
 }
 
 # The whole-call entry that takes the case on the native backend (instance_norm with running statistics is left
@@ -257,7 +263,8 @@ NATIVE_ENTRY = {
     "layer_norm_transposed": "layer_norm", "rms_norm": "rms_norm", "group_norm_silu": "group_norm",
     "instance_norm_no_stats": "instance_norm", "batch_norm_train": "batch_norm",
     "batch_norm_train_cl": "batch_norm", "batch_norm_eval": "batch_norm", "add_layer_norm": "add_norm",
-    "add_rms_norm_dropout": "add_norm",
+    "add_rms_norm_dropout": "add_norm", "layer_norm_2d": "layer_norm_2d", "layer_norm_2d_cl": "layer_norm_2d",
+    "layer_norm_2d_3d": "layer_norm_2d",
 }
 
 
@@ -507,7 +514,8 @@ def test_not_taken_under_the_profiler(spy):
     assert torch.equal(y, expected)
 
 
-@pytest.mark.parametrize("case", ["layer_norm", "group_norm", "batch_norm", "add_norm", "switchable_norm"])
+@pytest.mark.parametrize("case", ["layer_norm", "layer_norm_2d", "group_norm", "batch_norm", "add_norm",
+                                  "switchable_norm"])
 @pytest.mark.parametrize("path", ["fast", "slow"])
 def test_double_backward_raises(case, path, spy, monkeypatch):
     """With create_graph=True the first-order gradients are still right, but a second backward through them must
@@ -520,6 +528,8 @@ def test_double_backward_raises(case, path, spy, monkeypatch):
     x4 = x.view(3, 8, 1, 1).expand(3, 8, 2, 2)
     if case == "layer_norm":
         y = F.layer_norm(x, (8,), w)
+    elif case == "layer_norm_2d":
+        y = F.layer_norm_2d(x4, w)
     elif case == "group_norm":
         y = F.group_norm(x4, 4, w)
     elif case == "batch_norm":
@@ -536,7 +546,8 @@ def test_double_backward_raises(case, path, spy, monkeypatch):
         assert spy.dispatch, "the backward op must go through the dispatcher under create_graph=True"
     else:
         # the expanded GroupNorm input is left to the op layer (the entry takes the layouts kernels address)
-        assert spy.native[case] + spy.entry[case] == 1 and not spy.dispatch
+        family = "layer_norm_cf" if case == "layer_norm_2d" else case
+        assert spy.native[family] + spy.entry[case] == 1 and not spy.dispatch
     with pytest.raises(RuntimeError, match="no autograd formula"):
         g.sum().backward()
 
@@ -573,6 +584,8 @@ def _family_call(family: str, x, w, b, bufs):
         return F.rms_norm(x, (x.shape[-1],), w)
     if family == "group_norm":
         return F.group_norm(x, 3, w, b)
+    if family.startswith("layer_norm_2d"):
+        return F.layer_norm_2d(x, w, b)
     training = family == "batch_norm_train"
     return F.batch_norm(x, bufs[0], bufs[1], w, b, training, 0.25)
 
@@ -586,13 +599,14 @@ def _family_call(family: str, x, w, b, bufs):
     [
         (f, a)
         for f in ("layer_norm", "rms_norm", "group_norm", "batch_norm_train", "batch_norm_eval", "add_layer_norm",
-                  "add_rms_norm")
+                  "add_rms_norm", "layer_norm_2d", "layer_norm_2d_nchw")
         for a in (("none", "weight") if f.endswith("rms_norm") else ("none", "weight", "bias", "both"))
     ],
 )
 def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype, entries, monkeypatch):
     """Every combination of absent parameters and of which inputs require grad (the C++ node indexes only the
-    tensors given), fp32 and bf16 input with fp32 parameters, channels_last for the (N, C, H, W) families:
+    tensors given), fp32 and bf16 input with fp32 parameters, channels_last for the (N, C, H, W) families (and NCHW
+    for LayerNorm2d, whose two layouts run different kernels):
     outputs, gradients and running buffers bit-identical to the Python autograd.Function path, whether the C++
     autograd op is reached from a whole-call entry or from the op layer."""
     if not entries:
@@ -600,7 +614,7 @@ def test_native_autograd_ops_match_the_python_path(family, affine, needs, dtype,
     gen = torch.Generator().manual_seed(3)
     rows = family in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
     x0 = torch.randn((5, 2, 19) if rows else (4, 6, 5, 3), generator=gen).to(dtype)
-    if not rows:
+    if not rows and family != "layer_norm_2d_nchw":
         x0 = x0.to(memory_format=torch.channels_last)
     n = x0.shape[-1] if rows else x0.shape[1]
     w0 = torch.randn(n, generator=gen) if affine in ("weight", "both") else None
@@ -734,6 +748,13 @@ def _declined_calls() -> list[tuple[str, str, tuple]]:
         ("add_norm", "prenorm not a bool", (x, x, w, b, 1e-5, 0.0, 1, False, False)),
         ("add_norm", "residual subclass", (x, x.as_subclass(_Sub), w, b, 1e-5, 0.0, False, False, False)),
         ("add_norm", "eps None for LayerNorm", (x, x, w, b, None, 0.0, False, False, False)),
+        ("layer_norm_2d", "1-D input", (torch.randn(6), None, None, 1e-6)),
+        ("layer_norm_2d", "zero-size input", (torch.randn(0, 6, 2, 2), c4, None, 1e-6)),
+        ("layer_norm_2d", "weight of the wrong size", (x4, torch.randn(5), None, 1e-6)),
+        ("layer_norm_2d", "bias not a vector", (x4, None, c4.view(2, 3), 1e-6)),
+        ("layer_norm_2d", "integer input", (torch.arange(24).view(1, 6, 2, 2), None, None, 1e-6)),
+        ("layer_norm_2d", "eps None", (x4, c4, c4, None)),
+        ("layer_norm_2d", "spatial dims that do not view as one", (x4.transpose(2, 3), None, None, 1e-6)),
     ]
 
 
@@ -750,6 +771,7 @@ _VALID_CALLS = {
     "instance_norm": (torch.randn(2, 6, 3), None, None, None, None, True, 0.1, 1e-5),
     "batch_norm": (torch.randn(2, 6, 3), torch.zeros(6), torch.ones(6), None, None, False, 0.1, 1e-5),
     "add_norm": (torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), None, None, 0.0, True, False, True),
+    "layer_norm_2d": (torch.randn(2, 6, 3, 2), torch.randn(6), None, 1e-6),
 }
 
 

@@ -91,7 +91,7 @@ def _decline(*args: object) -> None:
 #: ``backends/native.py`` installs them when it loads; until then each declines.
 native_entries = SimpleNamespace(
     layer_norm=_decline, rms_norm=_decline, group_norm=_decline, instance_norm=_decline, batch_norm=_decline,
-    add_norm=_decline,
+    add_norm=_decline, layer_norm_2d=_decline,
 )
 
 

@@ -58,6 +58,7 @@ _OPS = frozenset(
 # ``fusednorm.ops.native_autograd_op``). Each records its own autograd node and runs the ops above.
 AUTOGRAD_OPS = {
     "layer_norm": _ops.layer_norm.default,
+    "layer_norm_cf": _ops.layer_norm_cf.default,
     "group_norm": _ops.group_norm.default,
     "batch_norm": _ops.batch_norm.default,
     "add_norm": _ops.add_norm.default,

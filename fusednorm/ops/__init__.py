@@ -150,8 +150,9 @@ _NO_AUTOGRAD_OPS: dict[str, Callable[..., Any]] = {}
 
 
 def native_autograd_op(family: str, backend_op: str, x: Tensor, args: Sequence[Any]) -> Callable[..., Any] | None:
-    """The native extension's C++ autograd op for ``family`` (``"layer_norm"``, ``"group_norm"``,
-    ``"batch_norm"``, ``"add_norm"``) when this call may use it, else None (use the Python autograd.Function).
+    """The native extension's C++ autograd op for ``family`` (``"layer_norm"``, ``"layer_norm_cf"``,
+    ``"group_norm"``, ``"batch_norm"``, ``"add_norm"``) when this call may use it, else None (use the Python
+    autograd.Function).
 
     It may when the call is plain eager (as for ``call_op``; gradients may be required: the op records its own
     node), no forward-AD level is active (the C++ node has no forward derivative; the Python path raises the

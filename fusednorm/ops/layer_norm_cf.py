@@ -21,6 +21,7 @@ from fusednorm.ops import (
     custom_op,
     forward_op,
     grad_or_empty,
+    native_autograd_op,
     none_if_absent,
 )
 
@@ -95,7 +96,9 @@ def _as_ncp(x: Tensor) -> Tensor:
 def layer_norm_channels_first(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Normalize (N, C, *spatial) over C at every position (arguments validated). Returns x's shape and format."""
     x3 = x if x.dim() == 3 else _as_ncp(x)
-    y = LayerNormCFFunction.call(x3, weight, bias, float(eps))
+    args = (x3, weight, bias, float(eps))
+    native = native_autograd_op("layer_norm_cf", "layer_norm_cf_fwd", x3, args) if x3.numel() else None
+    y = native(*args) if native is not None else LayerNormCFFunction.call(*args)
     if x3 is x:
         return y
     try:
