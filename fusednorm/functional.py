@@ -4,7 +4,7 @@ This layer validates arguments (with torch's own error messages where torch has 
 as RMSNorm's ``eps=None``, and hands canonical tensors to the op layer in ``fusednorm/ops``. The backend that
 runs each call is chosen per tensor (see ``fusednorm.set_backend`` / ``use_backend``).
 
-LayerNorm, RMSNorm, GroupNorm, InstanceNorm, BatchNorm and residual-add + norm first offer the call to the
+LayerNorm, RMSNorm, LayerNorm2d, GroupNorm, InstanceNorm, BatchNorm and residual-add + norm first offer the call to the
 native extension's whole-call entry (``fusednorm.backends.native_entries``, csrc/eager.cpp): for a valid
 plain-eager call on CPU tensors that the native backend runs, it does the checks and the op layer's work in C++
 and returns the result (on the CPU this Python costs 80-100 us per call once the caches are cold); for any other
