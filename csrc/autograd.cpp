@@ -3,10 +3,10 @@
 // fusednorm's op layer (fusednorm/ops/) wraps the backend ops in Python autograd.Functions. Building a Python
 // autograd node and running a Python backward costs ~100 us per call when the caches are cold, which is the
 // normal state after a memory-bound kernel: as much as a small norm's kernel. These ops do the same work in
-// C++: `fusednorm_C::layer_norm`, `layer_norm_cf`, `group_norm`, `batch_norm` and `add_norm` run the forward op, record a
-// torch::autograd::Function node when an input requires grad, and run the backward ops from it. The kernels
-// are the backend's own ops (called through the dispatcher, so CPU and CUDA tensors both work); the Python
-// path and this one give bit-identical outputs and gradients (tests/test_fast_path.py).
+// C++: `fusednorm_C::layer_norm`, `layer_norm_cf`, `group_norm`, `batch_norm` and `add_norm` run the forward
+// op, record a torch::autograd::Function node when an input requires grad, and run the backward ops from it.
+// The kernels are the backend's own ops (called through the dispatcher, so CPU and CUDA tensors both work);
+// the Python path and this one give bit-identical outputs and gradients (tests/test_fast_path.py).
 //
 // The Python op layer calls these only in plain eager mode on non-empty tensors; torch.compile, tracing,
 // dispatch modes, vmap and forward AD keep going through the Python custom ops, which are what they see.

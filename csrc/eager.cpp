@@ -7,7 +7,8 @@
 // arguments of the functions of fusednorm.functional, all positional) do that work for the common case in one
 // call: they check that the call is one the native backend would run the same way (plain eager mode, the native
 // backend in force, plain CPU tensors, valid arguments) and then run the extension's C++ autograd op
-// (csrc/autograd.cpp), exactly as the Python op layer would. Outputs, gradients and running statistics are bit-identical (tests/test_fast_path.py).
+// (csrc/autograd.cpp), exactly as the Python op layer would. Outputs, gradients and running statistics are
+// bit-identical (tests/test_fast_path.py).
 //
 // An entry never raises for bad arguments. For any call it does not take it returns None, and the Python
 // function goes on down its own path, which validates with torch's messages and handles everything else:
