@@ -74,6 +74,32 @@ void guard_double_backward(const char* name, variable_list& grads, const Tensor&
   }
 }
 
+// LayerNorm, LayerNorm2d and GroupNorm save the same five tensors: x, weight and bias (undefined when absent),
+// and the forward's mean and rstd.
+void save_norm(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+               const Tensor& mean, const Tensor& rstd) {
+  ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+}
+
+// Their backward: bwd(dy, x, weight, bias, mean, rstd) runs the backend op below autograd and returns (dx, dw, db);
+// the gradients come back as {dx, dw, db} (dw / db undefined for absent parameters) followed by `non_tensor_args`
+// undefined ones, guarded against double backward.
+template <class Bwd>
+variable_list norm_backward(AutogradContext* ctx, const variable_list& grads, const char* name,
+                            size_t non_tensor_args, const Bwd& bwd) {
+  const auto saved = ctx->get_saved_variables();
+  const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
+  variable_list out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [dx, dw, db] = bwd(grads[0], x, as_optional(weight), as_optional(bias), saved[3], saved[4]);
+    out = {dx, weight.defined() ? dw : Tensor(), bias.defined() ? db : Tensor()};
+  }
+  out.resize(3 + non_tensor_args);
+  guard_double_backward(name, out, grads[0], x, weight, bias);
+  return out;
+}
+
 }  // namespace
 
 // The Function types are outside the anonymous namespace: their names are the autograd nodes' names
@@ -93,26 +119,18 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, rstd] = fwd.call(x, weight, bias, eps, is_rms);
     if (ctx == nullptr) return y;
-    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    save_norm(ctx, x, weight, bias, mean, rstd);
     ctx->saved_data["is_rms"] = is_rms;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = backend_op<LayerNormBwdSig>("fusednorm_C::layer_norm_bwd");
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
-    Tensor dy = grads[0];
-    variable_list out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      if (dy.stride(-1) != 1) dy = dy.contiguous();  // autograd may hand over an expanded gradient
-      auto [dx, dw, db] = bwd.call(dy, x, as_optional(weight), as_optional(bias), saved[3], saved[4],
-                                   ctx->saved_data["is_rms"].toBool());
-      out = {dx, weight.defined() ? dw : Tensor(), bias.defined() ? db : Tensor(), Tensor(), Tensor()};
-    }
-    guard_double_backward("layer_norm", out, grads[0], x, weight, bias);
-    return out;
+    const bool is_rms = ctx->saved_data["is_rms"].toBool();
+    return norm_backward(ctx, grads, "layer_norm", 2, [&](const Tensor& dy, auto&&... saved) {
+      // autograd may hand over an expanded gradient
+      return bwd.call(dy.stride(-1) != 1 ? dy.contiguous() : dy, saved..., is_rms);
+    });
   }
 };
 
@@ -138,23 +156,13 @@ struct LayerNormCFFunction : public torch::autograd::Function<LayerNormCFFunctio
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, rstd] = fwd.call(x, weight, bias, eps);
     if (ctx == nullptr) return y;
-    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    save_norm(ctx, x, weight, bias, mean, rstd);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = backend_op<LayerNormCfBwdSig>("fusednorm_C::layer_norm_cf_bwd");
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
-    const Tensor& dy = grads[0];
-    variable_list out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto [dx, dw, db] = bwd.call(dy, x, as_optional(weight), as_optional(bias), saved[3], saved[4]);
-      out = {dx, weight.defined() ? dw : Tensor(), bias.defined() ? db : Tensor(), Tensor()};
-    }
-    guard_double_backward("layer_norm_cf", out, dy, x, weight, bias);
-    return out;
+    return norm_backward(ctx, grads, "layer_norm_cf", 1, [&](auto&&... args) { return bwd.call(args...); });
   }
 };
 
@@ -181,7 +189,7 @@ struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [y, mean, rstd] = fwd.call(x, weight, bias, num_groups, eps, activation);
     if (ctx == nullptr) return y;
-    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
+    save_norm(ctx, x, weight, bias, mean, rstd);
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["activation"] = std::string(activation);
     return y;
@@ -189,19 +197,10 @@ struct GroupNormFunction : public torch::autograd::Function<GroupNormFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = backend_op<GroupNormBwdSig>("fusednorm_C::group_norm_bwd");
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &bias = saved[2];
-    const Tensor& dy = grads[0];
+    const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
     const std::string activation = ctx->saved_data["activation"].toStringRef();
-    variable_list out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto [dx, dw, db] = bwd.call(dy, x, as_optional(weight), as_optional(bias), saved[3], saved[4],
-                                   ctx->saved_data["num_groups"].toInt(), activation);
-      out = {dx, weight.defined() ? dw : Tensor(), bias.defined() ? db : Tensor(), Tensor(), Tensor(), Tensor()};
-    }
-    guard_double_backward("group_norm", out, dy, x, weight, bias);
-    return out;
+    return norm_backward(ctx, grads, "group_norm", 3,
+                         [&](auto&&... args) { return bwd.call(args..., num_groups, activation); });
   }
 };
 
