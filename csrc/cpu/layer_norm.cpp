@@ -108,7 +108,7 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
         }
         // Pass 1 streams its rows from memory and pass 2 works from cache: pass 2 may prefetch the next pair.
         LinePrefetcher next(N * int64_t(sizeof(T)));
-        for (int64_t i = r + kR; i < std::min(M, r + kR + 2); ++i) {
+        for (int64_t i = r + kR; prefetch_next && i < std::min(M, r + kR + 2); ++i) {
           next.add(xp + i * ldx);
           next.add(dyp + i * lddy);
         }

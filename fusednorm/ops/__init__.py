@@ -23,9 +23,9 @@ dispatcher's "output aliases an input" check of custom ops (a debugging aid; ``o
 
 Native autograd. Even the fast path builds a Python autograd node and runs a Python backward, which costs ~100 us
 per call when the caches are cold (the normal state after a memory-bound kernel). When the native backend runs
-a call, LayerNorm/RMSNorm, GroupNorm, BatchNorm and residual-add + norm go instead to the extension's C++ autograd ops
-(``csrc/autograd.cpp``, listed in the backend's ``AUTOGRAD_OPS``): one dispatcher call that runs the same
-backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks;
+a call, LayerNorm/RMSNorm, LayerNorm2d, GroupNorm, BatchNorm and residual-add + norm go instead to the extension's
+C++ autograd ops (``csrc/autograd.cpp``, listed in the backend's ``AUTOGRAD_OPS``): one dispatcher call that runs
+the same backend ops and records a C++ autograd node. ``native_autograd_op`` decides, with the same plain-eager checks;
 once the extension is loaded they take one call of it (``fusednorm._C.eager_unintercepted``), and ``select``
 answers the CPU + native case first.
 
