@@ -101,7 +101,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     print(f"{'case':42s} {'native ms':>10s} {'torch ms':>9s} {'torch/native':>12s}")
-    layer_norm_bwd(1024, 8192)
+    # short rows (ViT / ConvNeXt widths, channels_last LayerNorm2d) take one row at a time, long rows two
+    for m, n in ((1568, 384), (2048, 512), (2048, 768), (4096, 768), (1024, 8192)):
+        layer_norm_bwd(m, n)
     group_norm_fwd((2, 320, 64, 64), torch.contiguous_format)
     group_norm_fwd((8, 256, 56, 56), torch.channels_last)
     batch_norm_train_fwd_cl((32, 64, 56, 56))
