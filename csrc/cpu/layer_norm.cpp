@@ -75,10 +75,10 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   std::unique_ptr<A[]> pdw(need_dw ? new A[blocks * N] : nullptr), pdb(need_db ? new A[blocks * N] : nullptr);
   const bool stream = stream_output(M * N * int64_t(sizeof(T)));
   // Prefetching the next rows during pass 2 pays when x and dy come from memory (16 MiB and more together) in
-  // rows of 2 KiB or more; otherwise its per-vector bookkeeping costs more than it saves. Measured ours / ATen
-  // (fp32, warm inputs, the kernels called back to back, one process per setting): 1568x384 150 -> 113 us, 25088x96 820-870 -> 550-570 us, 2048x512
-  // 285-325 -> 205-215 us without it; with it, 4096x640 910-990 vs 1085-1210 us and 1024x4096 1560-1630 vs
-  // 1775 us.
+  // rows of 2 KiB or more; otherwise its per-vector bookkeeping costs more than it saves. Measured (fp32, warm
+  // inputs, the kernel called back to back, one process per setting): 1568x384 150 -> 113 us, 25088x96 820-870
+  // -> 550-570 us, 2048x512 285-325 -> 205-215 us without it; with it, 4096x640 910-990 vs 1085-1210 us and
+  // 1024x4096 1560-1630 vs 1775 us.
   const bool prefetch_next = N * int64_t(sizeof(T)) >= 2048 && 2 * M * N * int64_t(sizeof(T)) >= (int64_t(16) << 20);
   // Rows two at a time halve the dW/dB partials' loads and stores, which pays for long rows (and with the
   // prefetch); on shorter rows one at a time is faster. Kernel vs ATen, cold inputs (bench/kernel_ab.py, two runs,
