@@ -16,9 +16,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusednorm.bench import bytes_model, cli, presets, providers
+from fusednorm.bench import bytes_model, cli, presets, providers, report
 from fusednorm.bench.cases import DTYPES, OP_GROUPS, OPS, Case, TorchOps, canonical_mode, expand_ops, parse_shape
-from fusednorm.bench.runner import ERROR, FAILED, OK, SKIPPED, RunConfig, check_case, run_case, scaled_error
+from fusednorm.bench.runner import (
+    ERROR,
+    FAILED,
+    OK,
+    SKIPPED,
+    Result,
+    RunConfig,
+    check_case,
+    round_speedups,
+    run_case,
+    scaled_error,
+)
 from fusednorm.bench.timing import Timer, rotation_count, summarize
 
 CPU = torch.device("cpu")
@@ -632,6 +643,35 @@ def test_scaled_error():
 # ---- end to end: outputs -------------------------------------------------------------------------------
 
 
+def test_round_speedups():
+    assert round_speedups([2.0, 3.0, 4.0], [1.0, 3.0, 8.0]) == (0.5, 2.0)
+    assert round_speedups(None, [1.0]) is None and round_speedups([1.0], []) is None
+
+
+def test_provider_summaries():
+    """Geometric mean over the provider's timed cases, the slower cases with their per-round range, and the
+    large cases' share of copy bandwidth; the baseline and untimed results are left out."""
+    small, large = Case("layer_norm", (64, 128), "fp32", "forward"), Case("layer_norm", (4096, 4096), "fp32", "forward")
+
+    def res(case, provider, speedup, pct=None, nbytes=1000, rounds=None, status=OK):
+        return Result(case, provider, provider, status, bytes=nbytes, speedup=speedup, pct_copy=pct,
+                      speedup_rounds=rounds)
+
+    results = [
+        res(small, "torch", 1.0), res(small, "native", 0.5, rounds=(0.4, 1.1)),
+        res(large, "torch", 1.0, pct=40.0, nbytes=10**9), res(large, "native", 2.0, pct=55.0, nbytes=10**9),
+        res(small, "other", None, status=FAILED),
+    ]
+    env = {"large_bytes": 10**8}
+    (s,) = report.provider_summaries(results, env)
+    assert s["provider"] == "native" and s["cases"] == 2 and math.isclose(s["geomean_speedup"], 1.0)
+    assert s["slower"] == [{"case": small.label, "speedup": 0.5, "round_min": 0.4, "round_max": 1.1}]
+    assert (s["large_cases"], s["large_under_60pct_copy"], s["large_pct_copy_min"]) == (1, 1, 55.0)
+    text = "\n".join(report.summary_lines(results, env))
+    assert "1.00x geometric mean" in text and "1 slower" in text and "per round 0.40-1.10x" in text
+    assert "1 under 60%" in text
+
+
 def test_outputs_csv_json_md_plot(tmp_path, capsys):
     out = {k: tmp_path / f"r.{k}" for k in ("csv", "json", "md", "png")}
     argv = ["--op", "layer_norm", "rms_norm", "--shape", "64x128", "256x128", "--mode", "fwd", "fwd+bwd",
@@ -651,8 +691,14 @@ def test_outputs_csv_json_md_plot(tmp_path, capsys):
         assert key in env, key
     assert env["torch"] == torch.__version__ and env["copy_gbps"] > 0
     assert len(doc["results"]) == len(rows)
+    (summary,) = doc["summary"]  # reference against torch eager
+    assert summary["provider"] == "fusednorm reference" and summary["cases"] == len(ok) // 2
+    assert summary["geomean_speedup"] > 0 and isinstance(env["env_vars"], dict) and env["large_bytes"] > 0
+    timed = [r for r in doc["results"] if r["provider"] == "reference" and r["status"] == "ok"]
+    assert all(r["speedup_round_min"] <= r["speedup_round_max"] for r in timed)
     md = out["md"].read_text()
     assert md.startswith("# fusednorm-bench results") and "| layer_norm 64x128 fp32 fwd" in md
+    assert "## Summary" in md and "geometric mean over torch eager" in md
     png = out["png"].read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -140,7 +140,12 @@ inline void from_acc(const A* src, T* dst, int64_t n) {
 // BatchNorm eval 32x64x56x56 fp32 (24.5 MiB out) 0.93-0.99x -> 1.08-1.21x, GroupNorm fwd 8x256x56x56 fp32
 // 0.91x -> 1.04-1.20x, BatchNorm train channels_last fwd 1.02-1.04x -> 1.25-1.27x; and 40 -> 32 MiB:
 // LayerNorm fwd 1024x8192 fp32 (32 MiB out) 2.8-3.2 -> 1.6-2.0 ms. (An older one-thread measurement had
-// found 25.7 MiB outputs slower when streamed; with both cores busy it is the other way round.) It is a
+// found 25.7 MiB outputs slower when streamed; with both cores busy it is the other way round.) Below it, streaming
+// makes an op alone faster but the op plus a consumer slower: measured in one process, the op then y.sum(), each
+// setting alternating (us, ordinary / streamed stores; op alone, then op + sum): LayerNorm fwd 2048x1024 fp32
+// 376 / 437, 520 / 755; LayerNorm bwd 2048x1024 1044 / 958, 1150 / 1240; GroupNorm fwd NCHW 2x320x64x64 673 /
+// 658, 1032 / 1041; channels_last 1213 / 1049, 1487 / 1442. A benchmark of the op alone would favour a lower
+// threshold; a network, whose next op reads the output, does not. It is a
 // constant because sysconf(_SC_LEVEL3_CACHE_SIZE) reports the whole host's L3 (320 MiB) inside a VM. Only
 // the AVX2 copy streams.
 

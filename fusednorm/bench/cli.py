@@ -186,7 +186,7 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
 
     from fusednorm.bench import report
     from fusednorm.bench.runner import FAILED, RunConfig, run_case
-    from fusednorm.bench.timing import Timer, copy_bandwidth, keep_freed_cpu_memory, warm_up_device
+    from fusednorm.bench.timing import Timer, cache_bytes, copy_bandwidth, keep_freed_cpu_memory, warm_up_device
 
     # torch warns once per mixed-dtype call that it cannot use its fused path; that is the case being measured
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, cases: Sequence[Case], providers: Sequence, de
             progress.advance(task)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    env = report.environment(device, copy_gbps, copy_bytes)
+    env = report.environment(device, copy_gbps, copy_bytes, large_bytes=2 * cache_bytes(device))
     env["cpu_allocator"] = allocator
     env["wall_s"] = round(time.perf_counter() - t_start, 1)
     report.print_report(results, env, console)

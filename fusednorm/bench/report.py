@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fusednorm.bench.providers import BASELINE
 from fusednorm.bench.runner import ERROR, FAILED, OK, SKIPPED, Result
 
 # ---- environment ---------------------------------------------------------------------------------------
@@ -68,8 +69,16 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def environment(device: torch.device, copy_gbps: float | None = None, copy_bytes: int | None = None) -> dict:
-    """Everything needed to interpret the numbers of this run."""
+#: environment variables that change what a run measures (backend choice, CPU kernel copy, streaming stores, threads)
+ENV_PREFIXES = ("FUSEDNORM_", "TRITON_", "OMP_", "MKL_", "CUDA_VISIBLE_DEVICES")
+
+
+def environment(
+    device: torch.device, copy_gbps: float | None = None, copy_bytes: int | None = None,
+    large_bytes: int | None = None,
+) -> dict:
+    """Everything needed to interpret the numbers of this run. ``large_bytes``: from how many bytes moved a case
+    counts as large in the summary (twice the last-level cache: its data cannot stay cached between calls)."""
     commit, dirty = git_commit()
     env: dict[str, Any] = {
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -90,6 +99,8 @@ def environment(device: torch.device, copy_gbps: float | None = None, copy_bytes
         "copy_gbps": copy_gbps,
         "copy_bytes": copy_bytes,
         "command": " ".join(["fusednorm-bench", *sys.argv[1:]]),
+        "env_vars": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "large_bytes": large_bytes,
     }
     try:
         import fusednorm
@@ -184,6 +195,54 @@ def table_rows(results: Sequence[Result]) -> list[list[str]]:
     return rows
 
 
+def provider_summaries(results: Sequence[Result], env: dict) -> list[dict[str, Any]]:
+    """Per provider other than the baseline, over its timed cases: the geometric-mean speedup over torch eager,
+    the cases slower than torch (with the lowest / highest per-round ratio, which shows whether a loss is
+    outside this run's noise), and the large cases (``env["large_bytes"]`` or more moved) as % of copy."""
+    by_provider: OrderedDict[str, list[Result]] = OrderedDict()
+    for r in results:
+        if r.status == OK and r.speedup is not None and r.provider != BASELINE:
+            by_provider.setdefault(r.label, []).append(r)
+    out = []
+    large_bytes = env.get("large_bytes")
+    for label, rs in by_provider.items():
+        large = [r for r in rs if large_bytes and r.bytes >= large_bytes and r.pct_copy is not None]
+        out.append({
+            "provider": label,
+            "cases": len(rs),
+            "geomean_speedup": math.exp(sum(math.log(r.speedup) for r in rs) / len(rs)),
+            "slower": [
+                {"case": r.case.label, "speedup": r.speedup,
+                 "round_min": r.speedup_rounds[0] if r.speedup_rounds else None,
+                 "round_max": r.speedup_rounds[1] if r.speedup_rounds else None}
+                for r in rs if r.speedup < 1.0
+            ],
+            "large_cases": len(large),
+            "large_under_60pct_copy": sum(1 for r in large if r.pct_copy < 60.0),
+            "large_pct_copy_min": min((r.pct_copy for r in large), default=None),
+            "large_pct_copy_max": max((r.pct_copy for r in large), default=None),
+        })
+    return out
+
+
+def summary_lines(results: Sequence[Result], env: dict) -> list[str]:
+    """The summary as text lines (terminal and Markdown)."""
+    lines = []
+    for s in provider_summaries(results, env):
+        slower = s["slower"]
+        lines.append(f"{s['provider']}: {s['geomean_speedup']:.2f}x geometric mean over torch eager, "
+                     f"{s['cases']} cases, {len(slower)} slower than torch")
+        for c in slower:
+            spread = (f" (per round {c['round_min']:.2f}-{c['round_max']:.2f}x)"
+                      if c["round_min"] is not None else "")
+            lines.append(f"  slower: {c['case']} {c['speedup']:.2f}x{spread}")
+        if s["large_cases"]:
+            lines.append(f"  large cases ({fmt_bytes(env.get('large_bytes'))}+ moved): {s['large_cases']}, "
+                         f"{s['large_pct_copy_min']:.0f}-{s['large_pct_copy_max']:.0f}% of copy bandwidth, "
+                         f"{s['large_under_60pct_copy']} under 60%")
+    return lines
+
+
 HEADERS = ["case", "provider", "median", "IQR", "GB/s", "% copy", "vs torch", "peak mem", "check"]
 
 
@@ -199,6 +258,8 @@ def header_lines(env: dict) -> list[str]:
     ]
     if env.get("cpu_allocator"):
         lines.append(f"CPU allocator: {env['cpu_allocator']}")
+    if env.get("env_vars"):
+        lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in env["env_vars"].items()))
     if env.get("wall_s") is not None:
         lines.append(f"wall time of the whole run: {env['wall_s']:.0f} s")
     if env.get("copy_gbps"):
@@ -236,6 +297,11 @@ def print_report(results: Sequence[Result], env: dict, console: Any = None) -> N
         "provider time; peak mem = peak bytes allocated by one call (outputs included).",
         style="dim", highlight=False,
     )
+    summary = summary_lines(results, env)
+    if summary:
+        console.print("summary:", style="bold")
+        for line in summary:
+            console.print("  " + line, highlight=False)
     bad = [r for r in results if r.status in (FAILED, ERROR)]
     for r in bad:
         console.print(f"[{'bold red' if r.status == FAILED else 'red'}]{r.status}[/] {r.case.label} "
@@ -269,10 +335,19 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def _clean_tree(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _clean_tree(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_clean_tree(x) for x in v]
+    return _clean(v)
+
+
 def write_json(path: str, results: Sequence[Result], env: dict) -> None:
     """``{"environment": {...}, "results": [...]}`` (non-finite numbers written as null)."""
     doc = {
         "environment": env,
+        "summary": _clean_tree(provider_summaries(results, env)),
         "results": [{k: _clean(v) for k, v in r.as_dict().items()} for r in results],
     }
     with open(path, "w") as f:
@@ -285,6 +360,11 @@ def markdown(results: Sequence[Result], env: dict, title: str = "fusednorm-bench
     out = [f"# {title}", ""]
     out += [f"- {line}" for line in header_lines(env)]
     out += [f"- command: `{env.get('command', 'fusednorm-bench')}`", f"- date: {env.get('timestamp_utc')}", ""]
+    summary = summary_lines(results, env)
+    if summary:
+        out += ["## Summary", ""]
+        out += [("  " if line.startswith("  ") else "") + "- " + line.strip() for line in summary]
+        out += ["", "## Results", ""]
     out.append("| " + " | ".join(HEADERS) + " |")
     out.append("|" + "|".join("---" if i in (0, 1, 8) else "---:" for i in range(len(HEADERS))) + "|")
     for row in table_rows(results):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,6 +53,10 @@ class Result:
     gbps: float | None = None
     pct_copy: float | None = None
     speedup: float | None = None
+    #: per sampling round, the median call time (rounds interleave the providers, so round i of every provider
+    #: ran at about the same time) and, against the baseline's round i, the lowest and highest speedup
+    round_medians: list[float] | None = None
+    speedup_rounds: tuple[float, float] | None = None
     peak_mem: int | None = None
     check_err: float | None = None
     check_tol: float | None = None
@@ -83,6 +88,8 @@ class Result:
             "gbps": self.gbps,
             "pct_copy": self.pct_copy,
             "speedup_vs_torch": self.speedup,
+            "speedup_round_min": self.speedup_rounds[0] if self.speedup_rounds else None,
+            "speedup_round_max": self.speedup_rounds[1] if self.speedup_rounds else None,
             "peak_mem_bytes": self.peak_mem,
             "check_err": self.check_err,
             "check_tol": self.check_tol,
@@ -277,6 +284,7 @@ def run_case(case: Case, providers: Sequence[Provider], cfg: RunConfig) -> list[
                 r.pct_copy = 100.0 * r.gbps / cfg.copy_gbps
             if base is not None and base.status == OK and base.timing is not None:
                 r.speedup = base.timing.median / r.timing.median
+                r.speedup_rounds = round_speedups(base.round_medians, r.round_medians)
     return [results[p.name] for p in providers]
 
 
@@ -330,6 +338,7 @@ def _time(
     fns: dict[str, list[Callable[[], Any]]] = {}
     reps: dict[str, int] = {}
     samples: dict[str, list[float]] = {}
+    round_medians: dict[str, list[float]] = {}
     for p in active:
         try:
             with p.context():
@@ -337,6 +346,7 @@ def _time(
                 est = cfg.timer.warmup(fns[p.name])
             reps[p.name] = cfg.timer.reps_for(est)
             samples[p.name] = []
+            round_medians[p.name] = []
         except Exception as exc:  # noqa: BLE001
             status = SKIPPED if _is_unsupported(exc) else ERROR
             results[p.name] = Result(case, p.name, p.label, status, _short(exc), bytes=nbytes)
@@ -349,14 +359,17 @@ def _time(
             n = max(1, reps[p.name] // rounds + (1 if r < reps[p.name] % rounds else 0))
             try:
                 with p.context():
-                    samples[p.name].extend(cfg.timer.samples(fns[p.name], n))
+                    got = cfg.timer.samples(fns[p.name], n)
+                samples[p.name].extend(got)
+                round_medians[p.name].append(statistics.median(got))
             except Exception as exc:  # noqa: BLE001
                 results[p.name] = Result(case, p.name, p.label, ERROR, _short(exc), bytes=nbytes)
                 fns.pop(p.name, None)
     for p in active:
         if p.name not in fns:
             continue
-        res = Result(case, p.name, p.label, OK, bytes=nbytes, timing=summarize(samples[p.name]))
+        res = Result(case, p.name, p.label, OK, bytes=nbytes, timing=summarize(samples[p.name]),
+                     round_medians=round_medians[p.name])
         if k > 1:
             res.detail = f"inputs rotated over {k} copies"
         if cfg.memory:
@@ -364,6 +377,17 @@ def _time(
                 res.peak_mem = peak_extra_memory(fns[p.name][0], cfg.device)
         results[p.name] = res
     del fns, sets
+
+
+def round_speedups(base: list[float] | None, mine: list[float] | None) -> tuple[float, float] | None:
+    """Lowest and highest baseline / provider ratio of per-round medians (rounds both have), or None.
+
+    The spread says how far the headline ratio (of the medians over all rounds) moves with the machine's slow
+    and fast phases: a case under 1.0x whose rounds reach above 1.0 is at parity within this run's noise."""
+    if not base or not mine:
+        return None
+    ratios = [b / m for b, m in zip(base, mine, strict=False) if m > 0]
+    return (min(ratios), max(ratios)) if ratios else None
 
 
 def _own_state(case: Case, t: Inputs) -> Inputs:
