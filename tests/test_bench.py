@@ -654,8 +654,8 @@ def test_provider_summaries():
     small, large = Case("layer_norm", (64, 128), "fp32", "forward"), Case("layer_norm", (4096, 4096), "fp32", "forward")
 
     def res(case, provider, speedup, pct=None, nbytes=1000, rounds=None, status=OK):
-        return Result(case, provider, provider, status, bytes=nbytes, speedup=speedup, pct_copy=pct,
-                      speedup_rounds=rounds)
+        return Result(case, provider, f"fusednorm {provider}", status, bytes=nbytes, speedup=speedup,
+                      pct_copy=pct, speedup_rounds=rounds)
 
     results = [
         res(small, "torch", 1.0), res(small, "native", 0.5, rounds=(0.4, 1.1)),
@@ -664,12 +664,16 @@ def test_provider_summaries():
     ]
     env = {"large_bytes": 10**8}
     (s,) = report.provider_summaries(results, env)
-    assert s["provider"] == "native" and s["cases"] == 2 and math.isclose(s["geomean_speedup"], 1.0)
+    assert s["provider"] == "fusednorm native" and s["cases"] == 2 and math.isclose(s["geomean_speedup"], 1.0)
     assert s["slower"] == [{"case": small.label, "speedup": 0.5, "round_min": 0.4, "round_max": 1.1}]
     assert (s["large_cases"], s["large_under_60pct_copy"], s["large_pct_copy_min"]) == (1, 1, 55.0)
     text = "\n".join(report.summary_lines(results, env))
     assert "1.00x geometric mean" in text and "1 slower" in text and "per round 0.40-1.10x" in text
     assert "1 under 60%" in text
+    # a peer's (or torch.compile's) slower cases are counted, not listed
+    peer = Result(small, "compile", "torch.compile", OK, bytes=1000, speedup=0.5, speedup_rounds=(0.4, 0.6))
+    lines = report.summary_lines([peer], env)
+    assert lines == ["torch.compile: 0.50x geometric mean over torch eager, 1 cases, 1 slower than torch"]
 
 
 def test_outputs_csv_json_md_plot(tmp_path, capsys):
