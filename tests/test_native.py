@@ -225,10 +225,22 @@ def test_group_norm_silu_large_groups(xdtype, pdtype):
     _run_group_norm(xdtype, pdtype, (2, 4, 130, 260), 2, "nchw", "silu", True)
 
 
-def _run_group_norm(xdtype, pdtype, shape, groups, fmt, act, affine):
+@pytest.mark.parametrize("xdtype,pdtype", DTYPE_PAIRS, ids=_ids(DTYPE_PAIRS))
+@pytest.mark.parametrize("offsets", ["centred", "mixed"])
+def test_group_norm_nhwc_folded_mean(xdtype, pdtype, offsets):
+    """The channels-last forward folds the mean into the shift where |mean| * rstd <= 1 (every group when the
+    data is centred) and keeps it elsewhere: 'mixed' has groups of both kinds in one step."""
+    offset = torch.zeros(1, 24, 1, 1, dtype=torch.float64)
+    if offsets == "mixed":
+        offset[0, :6] = 40.0  # group 0 of every sample: |mean| * rstd = 40 / 1.5
+    _run_group_norm(xdtype, pdtype, (3, 24, 20, 21), 4, "cl", "none", True, offset=offset)
+    _run_group_norm(xdtype, pdtype, (3, 24, 20, 21), 4, "cl", "silu", True, offset=offset)
+
+
+def _run_group_norm(xdtype, pdtype, shape, groups, fmt, act, affine, offset=2.0):
     eps = 1e-5
     c = shape[1]
-    x = _fmt((torch.randn(shape, dtype=torch.float64) * 1.5 + 2).to(xdtype), fmt)
+    x = _fmt((torch.randn(shape, dtype=torch.float64) * 1.5 + offset).to(xdtype), fmt)
     w, b = _params(c, pdtype, affine)
     y, mean, rstd = nat.group_norm_fwd(x, w, b, groups, eps, act)
     y64, mean64, rstd64 = ref.group_norm_fwd(x.double(), _d(w), _d(b), groups, eps, act)
@@ -339,6 +351,30 @@ def test_batch_norm(xdtype, pdtype, shape, fmt, affine):
         )
         assert dx.stride() == dxr.stride()
         check(f"dx(training={training})", dx, dx64, xt.grad if training else None, dxr)
+
+
+@pytest.mark.parametrize("xdtype,pdtype", DTYPE_PAIRS, ids=_ids(DTYPE_PAIRS))
+@pytest.mark.parametrize("fmt", ["nchw", "cl"])
+@pytest.mark.parametrize("offsets", ["centred", "mixed"])
+def test_batch_norm_apply_folded_mean(xdtype, pdtype, fmt, offsets):
+    """batch_norm_apply folds the mean into the shift for channels with |mean| * rstd <= 1 (all of them when the
+    data is centred; channels-last then runs a two-coefficient loop) and keeps it for the others ('mixed')."""
+    shape, c = (4, 16, 9, 13), 16
+    offset = torch.zeros(1, c, 1, 1, dtype=torch.float64)
+    if offsets == "mixed":
+        offset[0, ::2] = 30.0
+    x = _fmt((torch.randn(shape, dtype=torch.float64) * 1.5 + offset).to(xdtype), fmt)
+    w, b = _params(c, pdtype, True)
+    count = x.numel() // c
+    mean64, m264 = ref.batch_norm_stats(x.double())
+    rstd64 = torch.rsqrt(m264 / count + 1e-5)
+    mean, rstd = mean64.float(), rstd64.float()
+    y = nat.batch_norm_apply(x, mean, rstd, w, b)
+    y64 = ref.batch_norm_apply(x.double(), mean64, rstd64, _d(w), _d(b))
+    yr = ref.batch_norm_apply(x, mean, rstd, w, b)
+    yt, _, _, _ = _torch_bn_train(x, w, b, 1e-5)
+    assert y.stride() == yr.stride()
+    check("y", y, y64, yt, yr)
 
 
 def test_batch_norm_large_mean_and_zero_size():

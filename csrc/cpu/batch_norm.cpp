@@ -50,13 +50,9 @@ void bn_stats_kernel(const at::Tensor& x, Layout layout, at::Tensor& mean, at::T
     std::vector<int64_t> pc(tasks);
     nhwc_channel_stats<T, A>(xp, N, HW, C, nblk, pm.data(), pm2.data(), pc.data());
     at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const auto s = welford_merge_all<A, int64_t>(tasks, [&](int64_t t) {
-          return welford_from_chunk<A, int64_t>(pc[t], pm[t * C + c], pm2[t * C + c]);
-        });
-        meanp[c] = s.n > 0 ? s.mean : A(NAN);
-        m2p[c] = s.m2;
-      }
+      const int64_t cnt = merge_channel_partials<A>(pm.data() + c0, pm2.data() + c0, pc.data(), tasks, C, c1 - c0,
+                                                    meanp + c0, m2p + c0);
+      if (cnt == 0) std::fill(meanp + c0, meanp + c1, A(NAN));
     });
   }
 }
@@ -73,10 +69,17 @@ void bn_apply_kernel(const at::Tensor& x, Layout layout, const at::Tensor& mean,
   const A* rstdp = rstd.data_ptr<A>();
   const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
   const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
+  // Channels with |mean| * rstd <= 1 take the mean into the shift, y = x * scale + (shift - mean * scale), at
+  // the cost of a few roundings (see the GroupNorm forward): when all do, the channels-last pass loads two
+  // coefficient vectors per vector of x instead of three.
+  bool all_folded = true;
   for (int64_t c = 0; c < C; ++c) {
-    mu[c] = meanp[c];
-    sc[c] = wp ? rstdp[c] * wp[c] : rstdp[c];
-    sh[c] = bp ? bp[c] : A(0);
+    const A s = wp ? rstdp[c] * wp[c] : rstdp[c], t = bp ? bp[c] : A(0);
+    const bool fold = std::abs(meanp[c]) * rstdp[c] <= A(1);
+    all_folded = all_folded && fold;
+    mu[c] = fold ? A(0) : meanp[c];
+    sc[c] = s;
+    sh[c] = fold ? t - meanp[c] * s : t;
   }
   const T* xp = x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
@@ -89,11 +92,15 @@ void bn_apply_kernel(const at::Tensor& x, Layout layout, const at::Tensor& mean,
     });
   } else {
     const A *mup = mu.data(), *scp = sc.data(), *shp = sh.data();
-    nhwc_map<T, A>(xp, nullptr, yp, N * HW, C, [&](int64_t) {
-      return [=](int64_t j, int64_t k, const V& a, const V&) {
-        return at::vec::fmadd(a - V::loadu(mup + j, k), V::loadu(scp + j, k), V::loadu(shp + j, k));
-      };
-    });
+    auto apply = [&](auto folded) {
+      nhwc_map<T, A>(xp, nullptr, yp, N, HW, C, [&](int64_t) {
+        return [=](int64_t j, int64_t k, const V& a, const V&) {
+          const V xc = decltype(folded)::value ? a : a - V::loadu(mup + j, k);
+          return at::vec::fmadd(xc, V::loadu(scp + j, k), V::loadu(shp + j, k));
+        };
+      });
+    };
+    all_folded ? apply(std::true_type()) : apply(std::false_type());
   }
 }
 
@@ -200,7 +207,7 @@ void bn_bwd_dx_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, 
     });
   } else {
     const A *kp = k.data(), *mup = mu.data(), *ap = a.data(), *bbp = bb.data();
-    nhwc_map<T, A>(dyp, training ? xp : nullptr, dxp, N * HW, C, [&](int64_t) {
+    nhwc_map<T, A>(dyp, training ? xp : nullptr, dxp, N, HW, C, [&](int64_t) {
       return [=](int64_t j, int64_t n, const V& d, const V& xv) {
         const V r = training ? d - V::loadu(ap + j, n) - (xv - V::loadu(mup + j, n)) * V::loadu(bbp + j, n) : d;
         return r * V::loadu(kp + j, n);
