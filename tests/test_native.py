@@ -356,9 +356,10 @@ def test_batch_norm(xdtype, pdtype, shape, fmt, affine):
 @pytest.mark.parametrize("xdtype,pdtype", DTYPE_PAIRS, ids=_ids(DTYPE_PAIRS))
 @pytest.mark.parametrize("fmt", ["nchw", "cl"])
 @pytest.mark.parametrize("offsets", ["centred", "mixed"])
-def test_batch_norm_apply_folded_mean(xdtype, pdtype, fmt, offsets):
+def test_batch_norm_folded_mean(xdtype, pdtype, fmt, offsets):
     """batch_norm_apply folds the mean into the shift for channels with |mean| * rstd <= 1 (all of them when the
-    data is centred; channels-last then runs a two-coefficient loop) and keeps it for the others ('mixed')."""
+    data is centred; channels-last then runs a two-coefficient loop) and keeps it for the others ('mixed'); the
+    channels-last training dx folds it when every channel qualifies."""
     shape, c = (4, 16, 9, 13), 16
     offset = torch.zeros(1, c, 1, 1, dtype=torch.float64)
     if offsets == "mixed":
@@ -372,9 +373,19 @@ def test_batch_norm_apply_folded_mean(xdtype, pdtype, fmt, offsets):
     y = nat.batch_norm_apply(x, mean, rstd, w, b)
     y64 = ref.batch_norm_apply(x.double(), mean64, rstd64, _d(w), _d(b))
     yr = ref.batch_norm_apply(x, mean, rstd, w, b)
-    yt, _, _, _ = _torch_bn_train(x, w, b, 1e-5)
+    yt, xt, _, _ = _torch_bn_train(x, w, b, 1e-5)
     assert y.stride() == yr.stride()
     check("y", y, y64, yt, yr)
+
+    dy = _fmt(torch.randn(shape, dtype=xdtype), fmt)
+    yt.backward(dy)
+    s164, s264 = ref.batch_norm_bwd_reduce(dy.double(), x.double(), mean64, rstd64)
+    s1, s2 = s164.float(), s264.float()
+    dx = nat.batch_norm_bwd_dx(dy, x, mean, rstd, w, s1, s2, count, True)
+    dx64 = ref.batch_norm_bwd_dx(dy.double(), x.double(), mean64, rstd64, _d(w), s164, s264, count, True)
+    dxr = ref.batch_norm_bwd_dx(dy, x, mean, rstd, w, s1, s2, count, True)
+    assert dx.stride() == dxr.stride()
+    check("dx", dx, dx64, xt.grad, dxr)
 
 
 def test_batch_norm_large_mean_and_zero_size():
