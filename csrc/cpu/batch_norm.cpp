@@ -69,13 +69,12 @@ void bn_apply_kernel(const at::Tensor& x, Layout layout, const at::Tensor& mean,
   const A* rstdp = rstd.data_ptr<A>();
   const A* wp = w.defined() ? w.data_ptr<A>() : nullptr;
   const A* bp = b.defined() ? b.data_ptr<A>() : nullptr;
-  // Channels with |mean| * rstd <= 1 take the mean into the shift, y = x * scale + (shift - mean * scale), at
-  // the cost of a few roundings (see the GroupNorm forward): when all do, the channels-last pass loads two
+  // Channels where mean_foldable take the mean into the shift: when all do, the channels-last pass loads two
   // coefficient vectors per vector of x instead of three.
   bool all_folded = true;
   for (int64_t c = 0; c < C; ++c) {
     const A s = wp ? rstdp[c] * wp[c] : rstdp[c], t = bp ? bp[c] : A(0);
-    const bool fold = std::abs(meanp[c]) * rstdp[c] <= A(1);
+    const bool fold = mean_foldable(meanp[c], rstdp[c]);
     all_folded = all_folded && fold;
     mu[c] = fold ? A(0) : meanp[c];
     sc[c] = s;
@@ -207,10 +206,10 @@ void bn_bwd_dx_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, 
     });
   } else {
     const A *kp = k.data(), *mup = mu.data(), *ap = a.data(), *bbp = bb.data();
-    // Training, with |mean| * rstd <= 1 in every channel: the mean folded in, dx = dy * k + x * kb + kc, three
-    // coefficient vectors per vector instead of four (a few roundings, as in bn_apply_kernel).
+    // Training, with every channel mean_foldable: the mean folded in, dx = dy * k + x * kb + kc, three
+    // coefficient vectors per vector instead of four.
     bool fold = training;
-    for (int64_t c = 0; c < C && fold; ++c) fold = std::abs(mu[c]) * rstdp[c] <= A(1);
+    for (int64_t c = 0; c < C && fold; ++c) fold = mean_foldable(mu[c], rstdp[c]);
     if (fold) {
       std::vector<A> kb(C), kc(C);
       for (int64_t c = 0; c < C; ++c) {

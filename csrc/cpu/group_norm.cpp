@@ -78,10 +78,9 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
     std::vector<A> pm(ns * nblk * C), pm2(ns * nblk * C);
     std::vector<int64_t> pc(ns * nblk);
     nhwc_channel_stats<T, A>(xp + n0 * HW * C, ns, HW, C, nblk, pm.data(), pm2.data(), pc.data());
-    // Where |mean| * rstd <= 1 the mean is folded into the shift, y = x * scale + (shift - mean * scale):
-    // x * scale is then at most a few times the output's scale, so the fold costs no more than a few
-    // roundings, and the pass loads two coefficient vectors instead of three: statistics + normalize of
-    // 8 MiB fp32 (NHWC, C = 512, two threads, a standalone microbenchmark) 710-820 -> 600-680 us.
+    // Groups where mean_foldable take the mean into the shift, so the pass loads two coefficient vectors
+    // instead of three: statistics + normalize of 8 MiB fp32 (NHWC, C = 512, two threads, a standalone
+    // microbenchmark) 710-820 -> 600-680 us.
     bool all_folded = true;
     for (int64_t nl = 0; nl < ns; ++nl) {
       const int64_t n = n0 + nl;
@@ -95,7 +94,7 @@ void gn_fwd_kernel(const at::Tensor& x, Layout layout, const at::Tensor& w, cons
         const A rs = A(1) / std::sqrt(st.m2 / A(m) + A(eps));
         meanp[n * G + g] = mu;
         rstdp[n * G + g] = rs;
-        const bool fold = std::abs(mu) * rs <= A(1);  // false for a NaN mean
+        const bool fold = mean_foldable(mu, rs);
         all_folded = all_folded && fold;
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const A sc = wp ? rs * wp[c] : rs, sh = bp ? bp[c] : A(0);
@@ -246,12 +245,12 @@ void gn_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, Layout layout, con
     std::vector<A> ce(N * C), t3(C), ka(N * C), kb(N * C), kc(N * C);
     for (int64_t n0 = 0; n0 < N; n0 += step) {
       const int64_t ns = std::min(step, N - n0);
-      // The mean-rounding correction e (ce below) is under the rounding of xhat itself where |mean| * rstd <= 1
+      // The mean-rounding correction e (ce below) is under the rounding of xhat itself where mean_foldable
       // (see layer_norm_bwd_rows). When that holds for every group of the step, the sums of x - mean are
       // skipped (e = 0), and without SiLU the dx pass folds to dx = dy * ka + x * kb + kc: three coefficient
       // vectors per vector instead of six.
       bool skip_e = true;
-      for (int64_t i = n0 * G; i < (n0 + ns) * G && skip_e; ++i) skip_e = std::abs(meanp[i]) * rstdp[i] <= A(1);
+      for (int64_t i = n0 * G; i < (n0 + ns) * G && skip_e; ++i) skip_e = mean_foldable(meanp[i], rstdp[i]);
       const bool fold = skip_e && !silu;
       // Values the per-vector code reads, as plain pointers captured by value (see nhwc_channel_stats).
       const A *cmup = cmu.data(), *crsp = crs.data(), *wvp = wv.data(), *bvp = bv.data();

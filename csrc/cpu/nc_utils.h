@@ -23,6 +23,16 @@ inline int64_t nhwc_blocks_per_sample(int64_t N, int64_t HW, int64_t C) {
   return std::max<int64_t>(1, std::min({chunks, want, HW / 128}));
 }
 
+// Whether a normalize pass over (N, C, *spatial) activations may fold the mean into the affine shift,
+// y = x * scale + (shift - mean * scale), and the backward skip its mean-rounding correction: true when
+// |mean| * rstd <= 1 (false for a NaN mean). |x * scale| is then at most a few times the output's scale, so
+// the fold and the rounding of the stored mean each cost no more than a few roundings of the result; the fold
+// saves one coefficient load per vector of x, which the channels-last passes are bound by.
+template <typename A>
+inline bool mean_foldable(A mean, A rstd) {
+  return std::abs(mean) * rstd <= A(1);
+}
+
 // Elementwise map over NCHW planes: op(plane) (plane = n * C + c) returns the plane's functor
 // f(j, cnt, x, dy) -> out for vectors of cnt lanes at offset j (see map_span); dy may be null (zeros).
 template <typename T, typename A, typename Op>
