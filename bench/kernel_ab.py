@@ -52,13 +52,15 @@ def report(name: str, ms: dict[str, float]) -> None:
     print(f"{name:42s} {ms['native']:10.3f} {ms['torch']:9.3f} {ms['torch'] / ms['native']:11.2f}x")
 
 
-def layer_norm_bwd(m: int, n: int) -> None:
-    k = _copies(2 * m * n * 4)
-    xs = [torch.randn(m, n) for _ in range(k)]
-    dys = [torch.randn(m, n) for _ in range(k)]
+def layer_norm_bwd(m: int, n: int, dtype: torch.dtype = torch.float32) -> None:
+    k = _copies(2 * m * n * dtype.itemsize)
+    xs = [torch.randn(m, n, dtype=dtype) for _ in range(k)]
+    dys = [torch.randn(m, n, dtype=dtype) for _ in range(k)]
+    # fp32 parameters and statistics for both: torch's mixed-precision path for bf16 / fp16 x
     w, b = torch.randn(n), torch.randn(n)
     stats = [C.layer_norm_fwd(x, w, b, 1e-5, False) for x in xs]
-    report(f"layer_norm bwd {m}x{n} fp32", interleaved_ms({
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    report(f"layer_norm bwd {m}x{n} {name}", interleaved_ms({
         "native": lambda i: C.layer_norm_bwd(dys[i], xs[i], w, b, stats[i][1], stats[i][2], False),
         "torch": lambda i: ATEN.native_layer_norm_backward(
             dys[i], xs[i], (n,), stats[i][1].view(m, 1), stats[i][2].view(m, 1), w, b, [True, True, True]),
@@ -104,6 +106,8 @@ def main() -> None:
     # short rows (ViT / ConvNeXt widths, channels_last LayerNorm2d) take one row at a time, long rows two
     for m, n in ((1568, 384), (2048, 512), (2048, 768), (4096, 768), (1024, 8192)):
         layer_norm_bwd(m, n)
+    for m, n in ((2048, 1024), (4096, 4096)):
+        layer_norm_bwd(m, n, torch.bfloat16)
     group_norm_fwd((2, 320, 64, 64), torch.contiguous_format)
     group_norm_fwd((8, 256, 56, 56), torch.channels_last)
     batch_norm_train_fwd_cl((32, 64, 56, 56))
