@@ -387,13 +387,18 @@ struct LinePrefetcher {
 };
 
 // dst[j] = (((a[j] - shift) - mu) * rs) * w[j] + b[j] as T, with w and / or b optional (null); a is of
-// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S.
+// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S. next_rows (optional): ranges
+// to prefetch meanwhile, one line per vector.
 template <typename T, typename A, typename S>
 inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
-                          bool stream) {
+                          bool stream, const LinePrefetcher* next_rows = nullptr) {
   using V = Vectorized<A>;
   const V vs(shift), vm(mu), vr(rs);
-  auto xhat = [&](int64_t j, int64_t cnt) { return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr; };
+  LinePrefetcher pf = next_rows != nullptr ? *next_rows : LinePrefetcher(0);
+  auto xhat = [&](int64_t j, int64_t cnt) {
+    pf.step();
+    return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr;
+  };
   if (w != nullptr && b != nullptr) {
     write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) {
       return at::vec::fmadd(xhat(j, cnt), V::loadu(w + j, cnt), V::loadu(b + j, cnt));
