@@ -94,7 +94,10 @@ void layer_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::
   // prefetch); on shorter rows one at a time is faster. Kernel vs ATen, cold inputs (bench/kernel_ab.py, two runs,
   // ours / ATen ms, pairs -> single): 1568x384 0.43-0.46 -> 0.18, 2048x512 0.55-0.66 -> 0.35-0.58, 2048x768
   // 0.85-0.92 -> 0.57-0.96 (ATen 0.56-0.98); pairs stay ahead at 4096x768 (prefetched), 2048x1024, 1024x2048-8192.
-  const bool two_rows = N >= 1024 || prefetch_next;
+  // bf16 / fp16 rows of 1024 are faster one at a time, prefetched or not (kernel alone, 4 input copies, ms, pairs
+  // / single: 2048x1024 1.15-1.39 / 0.89-1.10, 4096x1024 1.88 / 1.73); from 2048 columns pairs are as fast or
+  // faster (2048x2048 2.03 / 2.10, 4096x4096 6.0-6.4 / 6.3-6.7).
+  const bool two_rows = sizeof(T) == 2 ? N >= 2048 : (N >= 1024 || prefetch_next);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const auto [r0, r1] = block_range(M, blocks, blk);
