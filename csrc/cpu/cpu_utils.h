@@ -387,16 +387,15 @@ struct LinePrefetcher {
 };
 
 // dst[j] = (((a[j] - shift) - mu) * rs) * w[j] + b[j] as T, with w and / or b optional (null); a is of
-// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S. next_rows (optional): ranges
-// to prefetch meanwhile, one line per vector.
-template <typename T, typename A, typename S>
-inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
-                          bool stream, const LinePrefetcher* next_rows = nullptr) {
+// storage type S (T, or an acc-type copy). `a` may alias dst only when T == S. on_vector() runs once per
+// vector (normalize_row: a prefetch step, or nothing).
+template <typename T, typename A, typename S, typename OnVector>
+inline void normalize_row_with(const S* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
+                               bool stream, OnVector on_vector) {
   using V = Vectorized<A>;
   const V vs(shift), vm(mu), vr(rs);
-  LinePrefetcher pf = next_rows != nullptr ? *next_rows : LinePrefetcher(0);
   auto xhat = [&](int64_t j, int64_t cnt) {
-    pf.step();
+    on_vector();
     return ((load_acc<S, A>(a + j, cnt) - vs) - vm) * vr;
   };
   if (w != nullptr && b != nullptr) {
@@ -409,6 +408,19 @@ inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, co
     write_row<T, A>(dst, n, stream, [&](int64_t j, int64_t cnt) { return xhat(j, cnt) + V::loadu(b + j, cnt); });
   } else {
     write_row<T, A>(dst, n, stream, xhat);
+  }
+}
+
+// normalize_row_with, prefetching the ranges of next_rows (when given and not empty) meanwhile, one line per
+// vector. Without them the loop has no prefetch bookkeeping at all.
+template <typename T, typename A, typename S>
+inline void normalize_row(const S* a, T* dst, int64_t n, A shift, A mu, A rs, const A* w, const A* b,
+                          bool stream, const LinePrefetcher* next_rows = nullptr) {
+  if (next_rows != nullptr && next_rows->ranges > 0) {
+    LinePrefetcher pf = *next_rows;  // a local copy, which the loop's stores cannot alias
+    normalize_row_with(a, dst, n, shift, mu, rs, w, b, stream, [&] { pf.step(); });
+  } else {
+    normalize_row_with(a, dst, n, shift, mu, rs, w, b, stream, [] {});
   }
 }
 
