@@ -649,7 +649,8 @@ inline void layer_norm_bwd_rows(const SX* const* ax, const SD* const* ady, const
     const A e = need_e ? vsum_shifted(ax[r], N, mu[r]) / A(N) : A(0);
     return Row{ax[r], ady[r], V(mu[r]), V(e), V(rs[r]), V(A(0)), V(A(0))};
   };
-  Row row0 = make_row(0), row1 = make_row(R - 1);  // row1 is unused when R == 1
+  Row row0 = make_row(0), row1 = row0;  // row1 is used only when R == 2
+  if constexpr (R == 2) row1 = make_row(1);
   auto xhat = [](const Row& row, int64_t j, int64_t cnt) {
     return ((load_acc<SX, A>(row.x + j, cnt) - row.mu) - row.e) * row.rs;
   };
@@ -684,7 +685,7 @@ inline void layer_norm_bwd_rows(const SX* const* ax, const SD* const* ady, const
   if (j < N) pass1(j, N - j);
   const A inv_n = A(1) / A(N);
   // Pass 2 (the rows are still in cache), prefetching the caller's next rows. One loop over the rows, on a
-  // copy of each: write_row and its lambda are then inlined once, with the row and the prefetcher in registers.
+  // copy of each: write_row and its lambda are then inlined once, on locals (the row, the prefetcher).
   LinePrefetcher pf = next_rows != nullptr ? *next_rows : LinePrefetcher(0);
   for (int r = 0; r < R; ++r) {
     const Row row = r == 0 ? row0 : row1;
